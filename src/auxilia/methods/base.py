@@ -1,0 +1,194 @@
+"""The two kinds of method, and what every method promises.
+
+* :class:`LossWeighting` turns the K task losses into one objective and runs one backward.
+* :class:`GradientAggregation` builds the per-task Jacobian ``G`` on the shared parameters (or on the
+  shared representation), reduces it with a pure ``aggregate(G) -> direction``, and writes the
+  direction into ``.grad``. Task-specific parameters (heads) get their own loss's gradient.
+
+Either way a method is an ``nn.Module``: learnable quantities are parameters (the caller's optimizer
+trains them, as for the model), histories are buffers, so everything travels in ``state_dict``.
+A failing step (non-finite loss or gradient) raises before any ``.grad`` or state is touched.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from ..gradients import as_parameter_list, check_mode, jacobian, other_parameters, write_gradient
+from ..tasks import NonFiniteLossError, Task, TaskSet
+
+
+class Method(nn.Module):
+    """Base of every method: the tasks, the primary first, and the step counter."""
+
+    name: str = "method"
+
+    def __init__(self, tasks: Iterable[Task | str], primary: str | None = None):
+        super().__init__()
+        self.tasks = TaskSet(tasks, primary)
+        self.register_buffer("steps", torch.zeros((), dtype=torch.long))
+
+    @property
+    def num_tasks(self) -> int:
+        return len(self.tasks)
+
+    @property
+    def task_names(self) -> list[str]:
+        return self.tasks.names
+
+    def backward(
+        self,
+        losses: Mapping[str, Tensor],
+        shared_parameters: Iterable[Tensor],
+        task_parameters: Iterable[Tensor] | None = None,
+        representation: Tensor | None = None,
+    ) -> dict[str, Any]:
+        """Fill ``.grad`` for an ordinary ``optimizer.step()``; return what was decided.
+
+        ``task_parameters`` are the task-specific parameters (heads); when omitted they are found by
+        walking the losses' graphs. Raises :class:`~auxilia.tasks.NonFiniteLossError` naming the task
+        before anything is written when a loss or gradient is not finite.
+        """
+        ordered = self.tasks.ordered(losses)
+        snapshot = {k: v.detach().clone() for k, v in self.state_dict().items()}
+        try:
+            info = self._backward(ordered, as_parameter_list(shared_parameters), task_parameters, representation)
+        except BaseException:
+            self.load_state_dict(snapshot)
+            raise
+        self.steps += 1
+        return info
+
+    def _backward(
+        self,
+        losses: list[Tensor],
+        shared: list[Tensor],
+        task_parameters: Iterable[Tensor] | None,
+        representation: Tensor | None,
+    ) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def weights(self) -> dict[str, float] | None:
+        """The task weights (or preferences) in use, by task name; ``None`` if the method has none."""
+        return None
+
+    def epoch_end(self) -> None:
+        """Called by training loops at the end of each epoch (methods with epoch-level state)."""
+
+    def search_space(self, trials: int, generator: torch.Generator) -> list[dict[str, Any]] | None:
+        """Hyperparameter candidates for a method that is itself a search; ``None`` for the rest."""
+        return None
+
+    def extra_repr(self) -> str:
+        return f"tasks={self.task_names}"
+
+    def _as_dict(self, values: Tensor) -> dict[str, float]:
+        return {name: float(v) for name, v in zip(self.task_names, values.detach().cpu().tolist())}
+
+
+class LossWeighting(Method):
+    """A method that only rescales losses: one backward of ``combine(losses)``."""
+
+    def combine(self, losses: Tensor) -> Tensor:
+        """Map the (K,) loss vector (task order, primary first) to the scalar training objective."""
+        raise NotImplementedError
+
+    def task_weights(self) -> Tensor:
+        """The (K,) weights currently applied to the losses."""
+        raise NotImplementedError
+
+    def weights(self) -> dict[str, float]:
+        return self._as_dict(self.task_weights())
+
+    def _backward(self, losses, shared, task_parameters, representation):
+        objective = self.combine(torch.stack(losses))
+        if not bool(torch.isfinite(objective.detach())):
+            raise NonFiniteLossError("combined", f"the combined objective is {float(objective.detach()):g}")
+        if task_parameters is None:
+            objective.backward()
+        else:
+            own = [p for p in self.parameters() if p.requires_grad]
+            inputs = [p for p in [*shared, *as_parameter_list(task_parameters, "task_parameters"), *own]]
+            torch.autograd.backward(objective, inputs=[p for p in inputs if p.requires_grad])
+        return {"weights": self.weights(), "objective": float(objective.detach())}
+
+
+class GradientAggregation(Method):
+    """A method that reduces the per-task Jacobian of the shared parameters to one direction.
+
+    ``mode`` selects how ``G`` is built (see :mod:`auxilia.gradients`); ``aggregate`` is the pure core,
+    usable on any (K, P) matrix without a model.
+    """
+
+    def __init__(
+        self,
+        tasks: Iterable[Task | str],
+        primary: str | None = None,
+        mode: str = "loop",
+        chunk_size: int | None = None,
+    ):
+        super().__init__(tasks, primary)
+        self.mode = check_mode(mode)
+        if chunk_size is not None and chunk_size < 1:
+            raise ValueError(f"chunk_size must be a positive integer, got {chunk_size}")
+        self.chunk_size = chunk_size
+        self.register_buffer("last_weights", torch.ones(self.num_tasks))
+
+    def aggregate(self, G: Tensor) -> Tensor:
+        """(K, P) Jacobian, primary row first -> (P,) update direction; sets ``last_weights``."""
+        if G.dim() != 2 or G.shape[0] != self.num_tasks:
+            raise ValueError(
+                f"{self.name}: expected a ({self.num_tasks}, P) matrix for tasks {self.task_names}, "
+                f"got shape {tuple(G.shape)}"
+            )
+        coefficients = self._coefficients(G)
+        self.last_weights = coefficients.detach().to(self.last_weights)
+        return coefficients.to(G.dtype) @ G
+
+    def _coefficients(self, G: Tensor) -> Tensor:
+        """The (K,) combination coefficients c with direction = cᵀ G."""
+        raise NotImplementedError
+
+    def weights(self) -> dict[str, float]:
+        return self._as_dict(self.last_weights)
+
+    def _backward(self, losses, shared, task_parameters, representation):
+        if self.mode == "representation":
+            if representation is None:
+                raise ValueError(
+                    f"{self.name}: mode='representation' needs the shared encoder's output passed as "
+                    "representation="
+                )
+            if not representation.requires_grad:
+                raise ValueError(f"{self.name}: the representation does not require grad")
+            targets: Sequence[Tensor] = [representation]
+            how = "loop"
+        else:
+            targets = shared
+            how = self.mode
+        heads = (
+            other_parameters(losses, shared)
+            if task_parameters is None
+            else as_parameter_list(task_parameters, "task_parameters")
+        )
+        if self.mode == "representation":
+            heads = [p for p in heads if p is not representation]
+        G = jacobian(losses, targets, how, self.chunk_size, retain_graph=True)
+        finite = torch.isfinite(G).all(dim=1)
+        if not bool(finite.all()):
+            bad = self.task_names[int((~finite).nonzero()[0])]
+            raise NonFiniteLossError(bad, f"task {bad!r}: gradient is not finite")
+        direction = self.aggregate(G)
+        if not bool(torch.isfinite(direction).all()):
+            raise NonFiniteLossError("combined", f"{self.name}: the aggregated direction is not finite")
+        if heads:
+            torch.autograd.backward(torch.stack(losses).sum(), inputs=heads)
+        if self.mode == "representation":
+            torch.autograd.backward(representation, direction.view_as(representation), inputs=shared)
+        else:
+            write_gradient(direction, shared)
+        return {"weights": self.weights()}
