@@ -79,7 +79,7 @@ class Method(nn.Module):
     def epoch_end(self) -> None:
         """Called by training loops at the end of each epoch (methods with epoch-level state)."""
 
-    def search_space(self, trials: int, generator: torch.Generator) -> list[dict[str, Any]] | None:
+    def search_space(self, generator: torch.Generator) -> list[dict[str, Any]] | None:
         """Hyperparameter candidates for a method that is itself a search; ``None`` for the rest."""
         return None
 

@@ -1,0 +1,112 @@
+"""Batches the Trainer can replay exactly: a seeded permutation per epoch, resumable mid-epoch.
+
+A batch is ``(inputs, targets)`` or ``(inputs, targets, masks)`` where ``targets`` and ``masks`` map
+task names to tensors; a mask marks the samples that carry that task's label.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.utils.data import DataLoader, Dataset
+
+Batch = tuple[Any, dict[str, Tensor], dict[str, Tensor]]
+
+
+class TaskDataset(Dataset):
+    """In-memory inputs with per-task targets (and optional masks), fetched a whole batch at a time."""
+
+    def __init__(self, inputs: Tensor, targets: Mapping[str, Tensor], masks: Mapping[str, Tensor] | None = None):
+        n = len(inputs)
+        for name, target in targets.items():
+            if len(target) != n:
+                raise ValueError(f"task {name!r}: {len(target)} targets for {n} inputs")
+        masks = dict(masks or {})
+        for name, mask in masks.items():
+            if name not in targets:
+                raise ValueError(f"mask given for task {name!r}, which has no targets")
+            if mask.shape != (n,):
+                raise ValueError(f"task {name!r}: mask must have shape ({n},), got {tuple(mask.shape)}")
+        self.inputs, self.targets, self.masks = inputs, dict(targets), {k: v.bool() for k, v in masks.items()}
+
+    def __len__(self) -> int:
+        return len(self.inputs)
+
+    def __getitem__(self, index: int) -> Batch:
+        return self.__getitems__([index])
+
+    def __getitems__(self, indices: Sequence[int]) -> Batch:
+        idx = torch.as_tensor(indices, dtype=torch.long)
+        return (
+            self.inputs[idx],
+            {k: v[idx] for k, v in self.targets.items()},
+            {k: v[idx] for k, v in self.masks.items()},
+        )
+
+    def subset(self, indices: Tensor) -> TaskDataset:
+        inputs, targets, masks = self.__getitems__(indices.tolist())
+        return TaskDataset(inputs, targets, masks)
+
+
+def as_batch(batch: Any) -> Batch:
+    """Normalize ``(x, targets)`` / ``(x, targets, masks)`` to the three-part form."""
+    if isinstance(batch, (tuple, list)) and len(batch) in (2, 3):
+        inputs, targets = batch[0], batch[1]
+        masks = batch[2] if len(batch) == 3 else {}
+        if not isinstance(targets, Mapping):
+            raise TypeError("a batch's targets must be a mapping from task name to tensor")
+        return inputs, dict(targets), dict(masks)
+    raise TypeError("a batch must be (inputs, targets) or (inputs, targets, masks)")
+
+
+def epoch_batches(
+    dataset: Dataset,
+    batch_size: int,
+    *,
+    seed: int,
+    epoch: int,
+    shuffle: bool = True,
+    skip: int = 0,
+    drop_last: bool = False,
+    num_workers: int = 0,
+) -> Iterator[Batch]:
+    """The batches of one epoch in an order fixed by (seed, epoch), starting after ``skip`` batches."""
+    n = len(dataset)  # type: ignore[arg-type]
+    if shuffle:
+        generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+        order = torch.randperm(n, generator=generator)
+    else:
+        order = torch.arange(n)
+    if drop_last:
+        order = order[: n - n % batch_size]
+    order = order[skip * batch_size :]
+    if isinstance(dataset, TaskDataset):
+        for start in range(0, len(order), batch_size):
+            yield dataset.__getitems__(order[start : start + batch_size].tolist())
+        return
+    loader = DataLoader(dataset, batch_size=batch_size, sampler=order.tolist(), num_workers=num_workers)
+    for batch in loader:
+        yield as_batch(batch)
+
+
+def num_batches(dataset: Dataset, batch_size: int, drop_last: bool = False) -> int:
+    n = len(dataset)  # type: ignore[arg-type]
+    return n // batch_size if drop_last else -(-n // batch_size)
+
+
+def to_device(batch: Batch, device: torch.device) -> Batch:
+    inputs, targets, masks = batch
+
+    def move(x: Any) -> Any:
+        if isinstance(x, Tensor):
+            return x.to(device, non_blocking=True)
+        if isinstance(x, Mapping):
+            return {k: move(v) for k, v in x.items()}
+        if isinstance(x, (tuple, list)):
+            return type(x)(move(v) for v in x)
+        return x
+
+    return move(inputs), move(targets), move(masks)
