@@ -72,6 +72,11 @@ class Method(nn.Module):
     ) -> dict[str, Any]:
         raise NotImplementedError
 
+    @property
+    def needs_representation(self) -> bool:
+        """Whether ``backward`` needs the shared encoder's output (``representation=``)."""
+        return False
+
     def weights(self) -> dict[str, float] | None:
         """The task weights (or preferences) in use, by task name; ``None`` if the method has none."""
         return None
@@ -137,6 +142,10 @@ class GradientAggregation(Method):
             raise ValueError(f"chunk_size must be a positive integer, got {chunk_size}")
         self.chunk_size = chunk_size
         self.register_buffer("last_weights", torch.ones(self.num_tasks))
+
+    @property
+    def needs_representation(self) -> bool:
+        return self.mode == "representation"
 
     def aggregate(self, G: Tensor) -> Tensor:
         """(K, P) Jacobian, primary row first -> (P,) update direction; sets ``last_weights``."""

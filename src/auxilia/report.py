@@ -1,0 +1,132 @@
+"""Tables and figures from ``results.jsonl``: mean ± std over seeds, Δp against ``stl``.
+
+Δp is the relative change of the primary metric against ``stl`` in percent, signed so that positive
+means better (for a lower-is-better metric the sign is flipped).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+
+def load_results(path: str | Path) -> list[dict[str, Any]]:
+    path = Path(path)
+    if path.is_dir():
+        path = path / "results.jsonl"
+    if not path.exists():
+        raise FileNotFoundError(f"no results file at {path}")
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def _value(record: dict[str, Any], metric: str) -> float:
+    if metric == "primary":
+        value = record.get("primary_metric")
+    else:
+        value = record.get("metrics", {}).get("test", {}).get(metric)
+    return float(value) if isinstance(value, (int, float)) else math.nan
+
+
+def summarize(
+    records: Iterable[dict[str, Any]], experiment: str, extra_metrics: Sequence[str] = ()
+) -> list[dict[str, Any]]:
+    """One row per method (in first-seen order): n, mean and std of the primary and extra metrics."""
+    runs = [r for r in records if r["experiment"] == experiment]
+    methods = list(dict.fromkeys(r["method"] for r in runs))
+    rows = []
+    for method in methods:
+        mine = [r for r in runs if r["method"] == method]
+        row: dict[str, Any] = {"method": method, "n": len(mine), "higher_is_better": mine[0].get("higher_is_better", False)}
+        for metric in ("primary", *extra_metrics):
+            values = np.array([_value(r, metric) for r in mine], dtype=float)
+            row[metric] = (float(np.nanmean(values)), float(np.nanstd(values))) if np.isfinite(values).any() else (math.nan, math.nan)
+        row["time_per_step_s"] = float(np.mean([r["time_per_step_s"] for r in mine]))
+        rows.append(row)
+    stl = next((row for row in rows if row["method"] == "stl"), None)
+    for row in rows:
+        if stl is None or not stl["primary"][0]:
+            row["delta_p"] = math.nan
+            continue
+        change = (row["primary"][0] - stl["primary"][0]) / abs(stl["primary"][0]) * 100
+        row["delta_p"] = change if row["higher_is_better"] else -change
+    return rows
+
+
+def format_table(rows: Sequence[dict[str, Any]], primary_name: str, extra_metrics: Sequence[str] = ()) -> str:
+    """A Markdown table (readable in a terminal too)."""
+    equal = next((row["time_per_step_s"] for row in rows if row["method"] == "equal"), None)
+    header = ["method", "seeds", primary_name, *extra_metrics, "Δp vs stl (%)", "step time ÷ equal"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for row in rows:
+        cells = [row["method"], str(row["n"])]
+        for metric in ("primary", *extra_metrics):
+            mean, std = row[metric]
+            cells.append(f"{mean:.4g} ± {std:.2g}")
+        cells.append("—" if math.isnan(row["delta_p"]) else f"{row['delta_p']:+.1f}")
+        cells.append(f"{row['time_per_step_s'] / equal:.2f}" if equal else "—")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def _pyplot():
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError as error:
+        raise ImportError("plots need the 'plot' extra: pip install 'auxilia[plot]'") from error
+    return plt
+
+
+def plot_primary(rows: Sequence[dict[str, Any]], primary_name: str, path: str | Path) -> Path:
+    """Bar chart of the primary metric per method, with the std over seeds as error bars."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(max(4.0, 0.6 * len(rows) + 2), 3.2))
+    means = [row["primary"][0] for row in rows]
+    stds = [row["primary"][1] for row in rows]
+    ax.bar(range(len(rows)), means, yerr=stds, capsize=3, color="#4c72b0")
+    ax.set_xticks(range(len(rows)), [row["method"] for row in rows], rotation=45, ha="right")
+    ax.set_ylabel(primary_name)
+    ax.set_title("primary metric (mean ± std over seeds)")
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def plot_weights(records: Iterable[dict[str, Any]], experiment: str, path: str | Path) -> Path | None:
+    """Each method's task weights over training (first seed), one panel per method that has weights."""
+    plt = _pyplot()
+    runs: dict[str, dict[str, Any]] = {}
+    for record in records:
+        if record["experiment"] == experiment and record.get("weights_history") and record["method"] not in runs:
+            runs[record["method"]] = record
+    if not runs:
+        return None
+    cols = min(4, len(runs))
+    rows = math.ceil(len(runs) / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 2.6 * rows), squeeze=False)
+    for ax, (method, record) in zip(axes.flat, runs.items()):
+        history = record["weights_history"]
+        steps = [h["step"] for h in history]
+        for task in [k for k in history[0] if k != "step"]:
+            ax.plot(steps, [h.get(task, math.nan) for h in history], label=task)
+        ax.set_title(method, fontsize=9)
+        ax.set_xlabel("step", fontsize=8)
+        ax.tick_params(labelsize=7)
+    for ax in list(axes.flat)[len(runs):]:
+        ax.axis("off")
+    axes.flat[0].legend(fontsize=7)
+    fig.suptitle(f"{experiment}: task weights over training (seed {next(iter(runs.values()))['seed']})", fontsize=10)
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path

@@ -1,0 +1,464 @@
+"""A training loop over the four splits that any method plugs into without special cases.
+
+The Trainer is a convenience on top of ``method.backward(losses, ...)``: it owns the data order,
+evaluation, model selection on ``val``, logging, checkpoints and the non-finite policy, and asks the
+method nothing but what :class:`~auxilia.methods.Method` declares. The model contract:
+
+* ``model(x)`` returns a mapping task name -> output;
+* ``model.shared_parameters()`` (optional; default: every parameter) are the parameters per-task
+  gradients are taken on; ``model.task_parameters()`` (optional) the heads;
+* ``model.forward_with_representation(x) -> (representation, outputs)`` for methods whose
+  ``needs_representation`` is true.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import resource
+import sys
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+from torch.utils.data import Dataset
+
+from ..methods.base import Method
+from ..tasks import NonFiniteLossError, TaskSet
+from .data import Batch, epoch_batches, num_batches, to_device
+from .logging import RunLogger
+
+OptimizerFactory = Callable[[list[dict[str, Any]]], torch.optim.Optimizer]
+SchedulerFactory = Callable[[torch.optim.Optimizer, int], Any]
+SPLITS = ("train", "aux", "val", "test")
+
+
+@dataclass
+class FitResult:
+    """What a run produced: metrics per split of the model selected on ``val``, and its cost."""
+
+    metrics: dict[str, dict[str, float]]
+    primary_metric: str
+    weights: dict[str, float] | None
+    weights_history: list[dict[str, Any]]
+    steps: int
+    skipped_steps: int
+    best_epoch: int
+    time_per_step_s: float
+    peak_memory_bytes: int
+    stopped_early: bool = False
+
+    @property
+    def primary_value(self) -> float:
+        return self.metrics["test"][self.primary_metric] if "test" in self.metrics else math.nan
+
+
+@dataclass
+class TrainerConfig:
+    epochs: int = 10
+    batch_size: int = 64
+    eval_batch_size: int = 1024
+    max_steps: int | None = None
+    device: str = "cpu"
+    amp: bool = False
+    nonfinite: Literal["raise", "skip"] = "raise"
+    seed: int = 0
+    max_grad_norm: float | None = None
+    log_every: int = 10
+    evaluate_train: bool = False
+    progress: bool = False
+    tensorboard: bool = False
+    drop_last: bool = False
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.nonfinite not in ("raise", "skip"):
+            raise ValueError(f"nonfinite must be 'raise' or 'skip', got {self.nonfinite!r}")
+        for name in ("epochs", "batch_size", "eval_batch_size", "log_every"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if self.max_steps is not None and self.max_steps < 1:
+            raise ValueError(f"max_steps must be positive, got {self.max_steps}")
+
+
+def seed_everything(seed: int) -> None:
+    """Seed every RNG a CPU run draws from, so that it repeats exactly."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+class Trainer:
+    """Train ``model`` with ``method`` on ``datasets`` (a mapping over ``train``/``aux``/``val``/``test``).
+
+    ``optimizer`` builds the optimizer from parameter groups (the model's, then the method's own
+    learnable parameters, e.g. uncertainty's log-variances). ``metrics_fn(model) -> dict`` adds
+    model-level metrics (e.g. distance to known true weights) to every evaluation.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        method: Method,
+        datasets: Mapping[str, Dataset],
+        optimizer: OptimizerFactory,
+        config: TrainerConfig | None = None,
+        *,
+        scheduler: SchedulerFactory | None = None,
+        log_dir: str | Path | None = None,
+        metrics_fn: Callable[[nn.Module], Mapping[str, float]] | None = None,
+    ):
+        self.config = config or TrainerConfig()
+        unknown = sorted(set(datasets) - set(SPLITS))
+        if unknown:
+            raise ValueError(f"unknown split {unknown[0]!r}; splits are {SPLITS}")
+        if "train" not in datasets:
+            raise ValueError("datasets needs a 'train' split")
+        self.datasets = dict(datasets)
+        self.device = torch.device(self.config.device)
+        self.model = model.to(self.device)
+        self.method = method.to(self.device)
+        self.tasks: TaskSet = method.tasks
+        self.metrics_fn = metrics_fn
+        self.log_dir = Path(log_dir) if log_dir is not None else None
+        if self.method.needs_representation and not hasattr(model, "forward_with_representation"):
+            raise TypeError(
+                f"{method.name}: mode='representation' needs model.forward_with_representation(x) "
+                "returning (representation, outputs)"
+            )
+        self.shared = list(model.shared_parameters()) if hasattr(model, "shared_parameters") else list(model.parameters())
+        self.heads = list(model.task_parameters()) if hasattr(model, "task_parameters") else None
+        groups = [{"params": [p for p in model.parameters() if p.requires_grad]}]
+        own = [p for p in method.parameters() if p.requires_grad]
+        if own:
+            groups.append({"params": own})
+        self.optimizer = optimizer(groups)
+        self.steps_per_epoch = num_batches(self.datasets["train"], self.config.batch_size, self.config.drop_last)
+        total = self.config.epochs * self.steps_per_epoch
+        if self.config.max_steps is not None:
+            total = min(total, self.config.max_steps)
+        self.total_steps = total
+        self.scheduler = scheduler(self.optimizer, total) if scheduler is not None else None
+        # counters and selection state: everything a checkpoint must carry
+        self.step = 0
+        self.epoch = 0
+        self.batch_in_epoch = 0
+        self.skipped = 0
+        self.best_value: float | None = None
+        self.best_epoch = -1
+        self.best_state: dict[str, Tensor] | None = None
+        self.weights_history: list[dict[str, Any]] = []
+        self._train_time = 0.0
+        self._logger: RunLogger | None = None
+
+    # ------------------------------------------------------------------ one step
+    def _forward(self, inputs: Any) -> tuple[Tensor | None, Mapping[str, Tensor]]:
+        if self.method.needs_representation:
+            representation, outputs = self.model.forward_with_representation(inputs)  # type: ignore[operator]
+            return representation, outputs
+        return None, self.model(inputs)
+
+    def compute_losses(self, outputs: Mapping[str, Tensor], targets: Mapping[str, Tensor], masks: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        missing = [t for t in self.tasks.names if t not in outputs]
+        if missing:
+            raise KeyError(f"the model produced no output for task {missing[0]!r}; it returned {sorted(outputs)}")
+        losses = {}
+        for task in self.tasks:
+            if task.name not in targets:
+                raise KeyError(f"the batch has no targets for task {task.name!r}")
+            losses[task.name] = task.compute_loss(outputs[task.name].float(), targets[task.name], masks.get(task.name))
+        return losses
+
+    def train_step(self, batch: Batch) -> dict[str, Any] | None:
+        """One optimizer step on ``batch``; ``None`` when the step was skipped (non-finite)."""
+        inputs, targets, masks = to_device(batch, self.device)
+        self.model.train()
+        self.optimizer.zero_grad(set_to_none=True)
+        snapshot = {k: v.detach().clone() for k, v in self.method.state_dict().items()}
+        try:
+            with self._autocast():
+                representation, outputs = self._forward(inputs)
+            losses = self.compute_losses(outputs, targets, masks)
+            info = self.method.backward(losses, self.shared, self.heads, representation)
+            self._check_gradients()
+        except NonFiniteLossError as error:
+            self.optimizer.zero_grad(set_to_none=True)
+            self.method.load_state_dict(snapshot)
+            if self.config.nonfinite == "raise":
+                raise
+            self.skipped += 1
+            self._log("train", {"skipped_step": 1.0, "skipped_task": float(self.tasks.names.index(error.task)) if error.task in self.tasks.names else -1.0})
+            return None
+        if self.config.max_grad_norm is not None:
+            torch.nn.utils.clip_grad_norm_([p for g in self.optimizer.param_groups for p in g["params"]], self.config.max_grad_norm)
+        self.optimizer.step()
+        if self.scheduler is not None:
+            self.scheduler.step()
+        info = dict(info)
+        info["losses"] = {k: float(v.detach()) for k, v in losses.items()}
+        return info
+
+    def _check_gradients(self) -> None:
+        for group in self.optimizer.param_groups:
+            for p in group["params"]:
+                if p.grad is not None and not bool(torch.isfinite(p.grad).all()):
+                    raise NonFiniteLossError("gradient", f"a gradient of shape {tuple(p.shape)} is not finite")
+
+    def _autocast(self):
+        if not self.config.amp:
+            return torch.autocast(self.device.type, enabled=False)
+        return torch.autocast(self.device.type, dtype=torch.bfloat16)
+
+    # ------------------------------------------------------------------ evaluation
+    @torch.no_grad()
+    def evaluate(self, split: str) -> dict[str, float]:
+        """Loss and metrics of every task on ``split``, as ``task/metric`` -> value."""
+        dataset = self.datasets[split]
+        self.model.eval()
+        metrics = {task.name: task.new_metrics() for task in self.tasks}
+        loss_sums = {task.name: 0.0 for task in self.tasks}
+        count = 0
+        for batch in epoch_batches(dataset, self.config.eval_batch_size, seed=0, epoch=0, shuffle=False):
+            inputs, targets, masks = to_device(batch, self.device)
+            with self._autocast():
+                _, outputs = self._forward(inputs)
+            n = len(next(iter(targets.values())))
+            for task in self.tasks:
+                output = outputs[task.name].float()
+                target = targets[task.name]
+                mask = masks.get(task.name)
+                loss_sums[task.name] += float(task.compute_loss(output, target, mask)) * n
+                if mask is not None:
+                    keep = mask.bool()
+                    output, target = output[keep], target[keep]
+                if len(target):
+                    for metric in metrics[task.name].values():
+                        metric.update(output, target)
+            count += n
+        out: dict[str, float] = {}
+        for task in self.tasks:
+            out[f"{task.name}/loss"] = loss_sums[task.name] / max(count, 1)
+            for name, metric in metrics[task.name].items():
+                out[f"{task.name}/{name}"] = metric.compute()
+        if self.metrics_fn is not None:
+            out.update({k: float(v) for k, v in self.metrics_fn(self.model).items()})
+        return out
+
+    @property
+    def primary_metric(self) -> str:
+        primary = self.tasks.primary
+        names = list(primary.metrics)
+        return f"{primary.name}/{names[0]}" if names else f"{primary.name}/loss"
+
+    def _better(self, value: float) -> bool:
+        if not math.isfinite(value):
+            return False
+        if self.best_value is None:
+            return True
+        higher = self.tasks.primary.higher_is_better and bool(self.tasks.primary.metrics)
+        return value > self.best_value if higher else value < self.best_value
+
+    def _select(self) -> None:
+        if "val" not in self.datasets:
+            self.best_epoch = self.epoch
+            return
+        values = self.evaluate("val")
+        self._log("val", values)
+        value = values[self.primary_metric]
+        if self._better(value):
+            self.best_value, self.best_epoch = value, self.epoch
+            self.best_state = {k: v.detach().to("cpu", copy=True) for k, v in self.model.state_dict().items()}
+
+    # ------------------------------------------------------------------ the loop
+    def fit(self, *, checkpoint: str | Path | None = None, checkpoint_every: int | None = None, stop_at: int | None = None) -> FitResult:
+        """Train to the end (or to step ``stop_at``, for tests of resumption), select on ``val``, test once.
+
+        With ``checkpoint``, state is saved there every ``checkpoint_every`` steps and at each
+        epoch's end; if the file exists the run resumes from it.
+        """
+        checkpoint = Path(checkpoint) if checkpoint is not None else None
+        resumed = checkpoint is not None and checkpoint.exists()
+        if resumed:
+            self.load_checkpoint(checkpoint)
+        else:
+            seed_everything(self.config.seed)
+        self._logger = RunLogger(self.log_dir, tensorboard=self.config.tensorboard, resume=resumed)
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+        progress = self._progress()
+        stopped = False
+        try:
+            while self.epoch < self.config.epochs and self.step < self.total_steps:
+                start = time.perf_counter()
+                batches = epoch_batches(
+                    self.datasets["train"], self.config.batch_size, seed=self.config.seed, epoch=self.epoch,
+                    skip=self.batch_in_epoch, drop_last=self.config.drop_last,
+                )
+                for batch in batches:
+                    info = self.train_step(batch)
+                    self.step += 1
+                    self.batch_in_epoch += 1
+                    if progress is not None:
+                        progress.update(1)
+                    if info is not None and (self.step % self.config.log_every == 0 or self.step == 1):
+                        self._record(info)
+                    if checkpoint is not None and checkpoint_every and self.step % checkpoint_every == 0:
+                        self._train_time += time.perf_counter() - start
+                        start = time.perf_counter()
+                        self.save_checkpoint(checkpoint)
+                    if stop_at is not None and self.step >= stop_at:
+                        stopped = True
+                        break
+                    if self.step >= self.total_steps:
+                        break
+                self._train_time += time.perf_counter() - start
+                if stopped:
+                    break
+                if self.batch_in_epoch >= self.steps_per_epoch or self.step >= self.total_steps:
+                    self.method.epoch_end()
+                    self._select()
+                    self.epoch += 1
+                    self.batch_in_epoch = 0
+                    if checkpoint is not None:
+                        self.save_checkpoint(checkpoint)
+        finally:
+            if progress is not None:
+                progress.close()
+        result = self._result(stopped)
+        self._logger.close()
+        return result
+
+    def _result(self, stopped: bool) -> FitResult:
+        metrics: dict[str, dict[str, float]] = {}
+        if not stopped:
+            if self.best_state is not None:
+                self.model.load_state_dict(self.best_state)
+            splits = [s for s in ("val", "test") if s in self.datasets]
+            if self.config.evaluate_train:
+                splits.insert(0, "train")
+            for split in splits:
+                metrics[split] = self.evaluate(split)
+                self._log(split + "/final", metrics[split])
+        done = max(self.step - self.skipped, 1)
+        return FitResult(
+            metrics=metrics,
+            primary_metric=self.primary_metric,
+            weights=self.method.weights(),
+            weights_history=self.weights_history,
+            steps=self.step,
+            skipped_steps=self.skipped,
+            best_epoch=self.best_epoch,
+            time_per_step_s=self._train_time / done,
+            peak_memory_bytes=peak_memory_bytes(self.device),
+            stopped_early=stopped,
+        )
+
+    def _record(self, info: Mapping[str, Any]) -> None:
+        values: dict[str, Any] = {"loss": info.get("losses", {})}
+        if info.get("weights") is not None:
+            values["weights"] = info["weights"]
+            self.weights_history.append({"step": self.step, **info["weights"]})
+        for key, value in info.items():
+            if key not in ("losses", "weights"):
+                values[key] = value
+        self._log("train", values)
+
+    def _log(self, split: str, values: Mapping[str, Any]) -> None:
+        if self._logger is not None:
+            self._logger.log(self.step, self.epoch, split, values)
+
+    def _progress(self):
+        if not self.config.progress:
+            return None
+        try:
+            from tqdm.auto import tqdm
+        except ImportError as error:
+            raise ImportError("the progress display needs the 'progress' extra: pip install 'auxilia[progress]'") from error
+        return tqdm(total=self.total_steps, initial=self.step, desc=self.method.name, leave=False)
+
+    # ------------------------------------------------------------------ checkpoints
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "model": self.model.state_dict(),
+            "method": self.method.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
+            "counters": {"step": self.step, "epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch, "skipped": self.skipped},
+            "selection": {"best_value": self.best_value, "best_epoch": self.best_epoch, "best_state": self.best_state},
+            "weights_history": self.weights_history,
+            "train_time": self._train_time,
+            "rng": {
+                "torch": torch.get_rng_state(),
+                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+                "numpy": _numpy_state(),
+                "python": _python_state(),
+            },
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self.model.load_state_dict(state["model"])
+        self.method.load_state_dict(state["method"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        if self.scheduler is not None and state["scheduler"] is not None:
+            self.scheduler.load_state_dict(state["scheduler"])
+        counters = state["counters"]
+        self.step, self.epoch = counters["step"], counters["epoch"]
+        self.batch_in_epoch, self.skipped = counters["batch_in_epoch"], counters["skipped"]
+        selection = state["selection"]
+        self.best_value, self.best_epoch, self.best_state = selection["best_value"], selection["best_epoch"], selection["best_state"]
+        self.weights_history = list(state["weights_history"])
+        self._train_time = state["train_time"]
+        rng = state["rng"]
+        torch.set_rng_state(rng["torch"])
+        if rng["cuda"] and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(rng["cuda"])
+        np.random.set_state(_numpy_restore(rng["numpy"]))
+        random.setstate(_python_restore(rng["python"]))
+
+    def save_checkpoint(self, path: str | Path) -> None:
+        """Write atomically: a run stopped mid-write leaves the previous checkpoint intact."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(path.suffix + ".tmp")
+        torch.save(self.state_dict(), tmp)
+        tmp.replace(path)
+
+    def load_checkpoint(self, path: str | Path) -> None:
+        state = torch.load(path, map_location=self.device, weights_only=True)
+        self.load_state_dict(state)
+
+
+def peak_memory_bytes(device: torch.device) -> int:
+    """Peak allocated CUDA memory on GPU; on CPU the process's peak resident set size."""
+    if device.type == "cuda":
+        return int(torch.cuda.max_memory_allocated(device))
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return int(peak if sys.platform == "darwin" else peak * 1024)
+
+
+def _numpy_state() -> dict[str, Any]:
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    return {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos), "has_gauss": int(has_gauss), "cached": float(cached)}
+
+
+def _numpy_restore(state: Mapping[str, Any]) -> tuple:
+    keys = state["keys"].numpy().astype(np.uint32)
+    return (state["kind"], keys, state["pos"], state["has_gauss"], state["cached"])
+
+
+def _python_state() -> dict[str, Any]:
+    version, internal, gauss = random.getstate()
+    return {"version": version, "internal": list(internal), "gauss": gauss}
+
+
+def _python_restore(state: Mapping[str, Any]) -> tuple:
+    return (state["version"], tuple(state["internal"]), state["gauss"])
+
+
+__all__ = ["FitResult", "Trainer", "TrainerConfig", "peak_memory_bytes", "seed_everything"]
