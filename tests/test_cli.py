@@ -1,0 +1,56 @@
+import json
+import re
+from pathlib import Path
+
+import pytest
+
+from auxilia import methods
+from auxilia.cli import main
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_methods_lists_the_registry(capsys):
+    assert main(["methods"]) == 0
+    assert capsys.readouterr().out.split() == methods.available()
+
+
+def test_run_toy_end_to_end(tmp_path, capsys):
+    out = tmp_path / "results"
+    args = ["run", "toy", "--method", "stl", "--method", "equal", "--method", "hpo-random", "--hp", "trials=2",
+            "--seeds", "2", "--epochs", "2", "--out", str(out)]
+    assert main(args) == 0
+    records = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+    assert [(r["method"], r["seed"]) for r in records] == [
+        ("stl", 0), ("stl", 1), ("equal", 0), ("equal", 1), ("hpo-random", 0), ("hpo-random", 1)]
+    for r in records:
+        for key in ("experiment", "method", "seed", "primary_metric", "metrics", "weights", "steps",
+                    "time_per_step_s", "peak_memory_bytes", "config"):
+            assert key in r
+        assert set(r["metrics"]) == {"val", "test"} and "w_dist" in r["metrics"]["test"]
+        assert r["steps"] == 2 * 20
+    assert len(records[-1]["config"]["search"]) == 2
+    printed = capsys.readouterr().out
+    assert re.search(r"\| equal \| 2 \| [\d.e+-]+ ± ", printed)
+    assert (out / "toy_table.md").exists()
+
+
+def test_bad_arguments_fail_before_training(tmp_path):
+    with pytest.raises(ValueError, match="unknown method 'nope'"):
+        main(["run", "toy", "--method", "nope", "--out", str(tmp_path)])
+    with pytest.raises(SystemExit, match="accepts hyperparameter 'zzz'"):
+        main(["run", "toy", "--method", "equal", "--hp", "zzz=1", "--out", str(tmp_path)])
+    with pytest.raises(ValueError, match="unknown experiment"):
+        main(["run", "nowhere", "--out", str(tmp_path)])
+    assert not (tmp_path / "results.jsonl").exists()
+
+
+def test_readme_quick_start_has_exactly_two_commands_and_ci_runs_the_test_one():
+    readme = (ROOT / "README.md").read_text()
+    block = readme.split("## Quick start", 1)[1].split("```bash", 1)[1].split("```", 1)[0]
+    commands = [line for line in block.strip().splitlines() if line.strip() and not line.startswith("#")]
+    assert len(commands) == 2
+    assert "auxilia run" in commands[0]
+    assert "pytest" in commands[1]
+    test_command = commands[1].split("&&")[-1].strip()
+    assert test_command in (ROOT / ".ci" / "run").read_text()
