@@ -38,7 +38,18 @@ def nash_bargaining(
     tol: float = 1e-10,
     max_iter: int = 30,
 ) -> NashSolution:
-    """α > 0 with α_k (Mα)_k = p_k for a PSD Gram matrix ``M`` and bargaining powers ``p`` > 0."""
+    """α > 0 with α_k (Mα)_k = p_k for a PSD Gram matrix ``M`` and bargaining powers ``p`` > 0.
+
+    Solved exactly first; only if that does not converge (the problem is unbounded when some
+    positive combination of gradients cancels) again with a ridge of 1e-10 relative to M's scale.
+    """
+    solution = _nash(M, p, warm_start, tol, max_iter, ridge=0.0)
+    if solution.residual <= tol * 1e3 and np.all(np.isfinite(solution.alpha)):
+        return solution
+    return _nash(M, p, None, tol, max_iter, ridge=RIDGE)
+
+
+def _nash(M, p, warm_start, tol: float, max_iter: int, ridge: float) -> NashSolution:
     M = np.asarray(M, dtype=np.float64)
     p = np.asarray(p, dtype=np.float64)
     K = M.shape[0]
@@ -56,7 +67,7 @@ def nash_bargaining(
         return NashSolution(alpha, 0, 0.0)
     idx = np.flatnonzero(active)
     A = M[np.ix_(idx, idx)] / scale
-    A = 0.5 * (A + A.T) + RIDGE * np.eye(len(idx))
+    A = 0.5 * (A + A.T) + ridge * np.eye(len(idx))
     q = p[idx]
     x = None
     if warm_start is not None:
@@ -245,7 +256,7 @@ def cagrad_weights(
 
     def gradient(w: np.ndarray) -> np.ndarray:
         Aw = A @ w
-        return a + radius * Aw / float(np.sqrt(max(w @ Aw, 0.0) + 1e-300))
+        return a + radius * Aw / max(float(np.sqrt(max(w @ Aw, 0.0))), 1e-12)
 
     vertex_values = a + radius * np.sqrt(np.clip(np.diag(A), 0.0, None))
     start = int(np.argmin(vertex_values))

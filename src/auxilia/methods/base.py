@@ -141,7 +141,7 @@ class GradientAggregation(Method):
         if chunk_size is not None and chunk_size < 1:
             raise ValueError(f"chunk_size must be a positive integer, got {chunk_size}")
         self.chunk_size = chunk_size
-        self.register_buffer("last_weights", torch.ones(self.num_tasks))
+        self.register_buffer("last_weights", torch.ones(self.num_tasks, dtype=torch.float64))
 
     @property
     def needs_representation(self) -> bool:
