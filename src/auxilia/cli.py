@@ -27,6 +27,12 @@ def _hyperparameter(text: str) -> tuple[str, Any]:
     return key.strip(), value
 
 
+def default_methods() -> list[str]:
+    """Every registered method, the two references (``stl``, ``equal``) first."""
+    references = [name for name in ("stl", "equal") if name in methods.available()]
+    return references + [name for name in methods.available() if name not in references]
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="auxilia", description="Auxiliary learning for PyTorch.")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -83,7 +89,7 @@ def _report(out: Path, experiment_name: str, plots: bool) -> str:
 
 def _run(args: argparse.Namespace) -> int:
     experiment = experiments.get(args.experiment)
-    names = args.methods or methods.available()
+    names = args.methods or default_methods()
     for name in names:
         methods.get(name)  # unknown names fail before any training
     hyperparameters = dict(args.hp)
