@@ -86,7 +86,9 @@ def test_gram_is_float64_and_symmetric():
     M = gradients.gram(G)
     assert M.dtype == torch.float64
     torch.testing.assert_close(M, M.T)
-    torch.testing.assert_close(M, G.double() @ G.double().T)
+    torch.testing.assert_close(M, G.double() @ G.double().T, rtol=1e-5, atol=1e-5)  # float32 product
+    G64 = G.double()
+    torch.testing.assert_close(gradients.gram(G64), G64 @ G64.T, rtol=0, atol=0)
 
 
 def test_write_gradient_accumulates_and_checks_size():

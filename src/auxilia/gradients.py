@@ -87,15 +87,20 @@ def _flat(grads: Sequence[Tensor | None], inputs: Sequence[Tensor], leading: tup
 
 
 def _jacobian_loop(losses: Sequence[Tensor], inputs: list[Tensor], retain_graph: bool) -> Tensor:
-    rows = []
+    sizes = [x.numel() for x in inputs]
+    out = inputs[0].new_empty((len(losses), sum(sizes)))  # every entry is written below
     for k, loss in enumerate(losses):
+        if not loss.requires_grad:
+            out[k].zero_()
+            continue
         keep = retain_graph or k < len(losses) - 1
-        if loss.requires_grad:
-            grads = torch.autograd.grad(loss, inputs, retain_graph=keep, allow_unused=True)
-        else:
-            grads = (None,) * len(inputs)
-        rows.append(_flat(grads, inputs))
-    return torch.stack(rows)
+        grads = torch.autograd.grad(loss, inputs, retain_graph=keep, allow_unused=True)
+        for piece, g in zip(torch.split(out[k], sizes), grads):
+            if g is None:
+                piece.zero_()
+            else:
+                piece.copy_(g.reshape(-1))
+    return out
 
 
 def _jacobian_batched(
@@ -123,9 +128,15 @@ def _jacobian_batched(
 
 
 def gram(G: Tensor, dtype: torch.dtype = torch.float64) -> Tensor:
-    """M = G Gᵀ (K x K), by default in float64: the solvers built on it need the precision."""
-    Gd = G.to(dtype)
-    return Gd @ Gd.T
+    """M = G Gᵀ (K x K), returned in float64 for the solvers built on it.
+
+    The product is taken in G's own precision (float32 gradients carry no more than float32
+    accuracy, and copying a K x P matrix to float64 would cost more than the product); half
+    precision is first raised to float32.
+    """
+    if G.dtype not in (torch.float32, torch.float64):
+        G = G.float()
+    return (G @ G.T).to(dtype)
 
 
 def write_gradient(direction: Tensor, parameters: Sequence[Tensor]) -> None:

@@ -257,9 +257,13 @@ class TaskSet(Sequence[Task]):
                 raise TaskError(
                     f"task {name!r}: loss must be a scalar, got shape {tuple(loss.shape)}; reduce it first"
                 )
-            if check_finite and not bool(torch.isfinite(loss.detach()).all()):
-                raise NonFiniteLossError(name, f"task {name!r}: loss is {float(loss.detach()):g}")
             ordered.append(loss.reshape(()))
+        if check_finite:
+            finite = torch.isfinite(torch.stack([loss.detach() for loss in ordered]).float())
+            if not bool(finite.all()):
+                k = int((~finite).nonzero()[0])
+                name = self.names[k]
+                raise NonFiniteLossError(name, f"task {name!r}: loss is {float(ordered[k].detach()):g}")
         return ordered
 
 

@@ -186,16 +186,20 @@ class GradientAggregation(Method):
         )
         if self.mode == "representation":
             heads = [p for p in heads if p is not representation]
-        G = jacobian(losses, targets, how, self.chunk_size, retain_graph=True)
-        finite = torch.isfinite(G).all(dim=1)
-        if not bool(finite.all()):
-            bad = self.task_names[int((~finite).nonzero()[0])]
-            raise NonFiniteLossError(bad, f"task {bad!r}: gradient is not finite")
+        # The heads ride along in the same K backward passes: their gradient is the column sum.
+        width = sum(t.numel() for t in targets)
+        full = jacobian(losses, [*targets, *heads], how, self.chunk_size, retain_graph=True)
+        G, head_rows = full[:, :width], full[:, width:]
         direction = self.aggregate(G)
-        if not bool(torch.isfinite(direction).all()):
-            raise NonFiniteLossError("combined", f"{self.name}: the aggregated direction is not finite")
+        head_gradient = head_rows.sum(dim=0)
+        # one reduction as the fast check; a non-finite sum triggers the exact, element-wise one
+        suspicious = not bool(torch.isfinite(direction.sum() + head_gradient.sum()))
+        if suspicious and not (bool(torch.isfinite(direction).all()) and bool(torch.isfinite(head_gradient).all())):
+            rows = torch.isfinite(full).all(dim=1)
+            bad = self.task_names[int((~rows).nonzero()[0])] if not bool(rows.all()) else "combined"
+            raise NonFiniteLossError(bad, f"{self.name}: the gradient of task {bad!r} is not finite")
         if heads:
-            torch.autograd.backward(torch.stack(losses).sum(), inputs=heads)
+            write_gradient(head_gradient, heads)
         if self.mode == "representation":
             torch.autograd.backward(representation, direction.view_as(representation), inputs=shared)
         else:
