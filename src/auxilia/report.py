@@ -67,7 +67,8 @@ def format_table(rows: Sequence[dict[str, Any]], primary_name: str, extra_metric
         for metric in ("primary", *extra_metrics):
             mean, std = row[metric]
             cells.append(f"{mean:.4g} ± {std:.2g}")
-        cells.append("—" if math.isnan(row["delta_p"]) else f"{row['delta_p']:+.1f}")
+        delta = row["delta_p"]
+        cells.append("—" if math.isnan(delta) else ("0.0" if abs(delta) < 0.05 else f"{delta:+.1f}"))
         cells.append(f"{row['time_per_step_s'] / equal:.2f}" if equal else "—")
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
