@@ -25,6 +25,7 @@ class NashSolution:
     alpha: np.ndarray
     iterations: int
     residual: float  # max_k |α_k (Mα)_k − p_k| / p_k on the active tasks
+    ridge: float = 0.0  # absolute ridge added to M's diagonal (non-zero only for degenerate M)
 
 
 def _objective(M: np.ndarray, p: np.ndarray, alpha: np.ndarray) -> float:
@@ -108,14 +109,15 @@ def _nash(M, p, warm_start, tol: float, max_iter: int, ridge: float) -> NashSolu
             break
     alpha[idx] = x / np.sqrt(scale)
     residual = float(np.max(np.abs(x * (A @ x) - q) / q))
-    return NashSolution(alpha, iterations, residual)
+    return NashSolution(alpha, iterations, residual, ridge * scale)
 
 
-def nash_sensitivity(M: np.ndarray, p: np.ndarray, alpha: np.ndarray) -> np.ndarray:
+def nash_sensitivity(M: np.ndarray, p: np.ndarray, alpha: np.ndarray, ridge: float = 0.0) -> np.ndarray:
     """dα/dp (K x K) at a solution: (M + diag(p/α²))⁻¹ diag(1/α) (AuxiNash, Prop. 4.2).
 
     Differentiating α_k (Mα)_k = p_k gives diag(Mα) dα + diag(α) M dα = dp; with (Mα)_k = p_k/α_k this
-    is diag(α)(M + diag(p/α²)) dα = dp. Tasks with α_k = 0 (zero gradient) get zero rows.
+    is diag(α)(M + diag(p/α²)) dα = dp. Tasks with α_k = 0 (zero gradient) get zero rows. Pass the
+    solution's ``ridge`` so that the derivative is of the system that was actually solved.
     """
     M = np.asarray(M, dtype=np.float64)
     alpha = np.asarray(alpha, dtype=np.float64)
@@ -126,7 +128,7 @@ def nash_sensitivity(M: np.ndarray, p: np.ndarray, alpha: np.ndarray) -> np.ndar
     if len(idx) == 0:
         return out
     a = alpha[idx]
-    H = M[np.ix_(idx, idx)] + np.diag(p[idx] / a**2)
+    H = M[np.ix_(idx, idx)] + np.diag(p[idx] / a**2 + ridge)
     out[np.ix_(idx, idx)] = np.linalg.solve(H, np.diag(1.0 / a))
     return out
 

@@ -1,6 +1,6 @@
 """Every method behind one registry: ``available()``, ``create(name, tasks=..., primary=..., **hp)``."""
 
-from . import aggregation, weighting  # noqa: F401  (registers the methods)
+from . import aggregation, nash, weighting  # noqa: F401  (registers the methods)
 from .base import GradientAggregation, LossWeighting, Method
 from .registry import available, create, get, hyperparameters, register
 

@@ -12,7 +12,8 @@ A failing step (non-finite loss or gradient) raises before any ``.grad`` or stat
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -20,6 +21,23 @@ from torch import Tensor, nn
 
 from ..gradients import as_parameter_list, check_mode, jacobian, other_parameters, write_gradient
 from ..tasks import NonFiniteLossError, Task, TaskSet
+
+
+@dataclass
+class MetaContext:
+    """What a meta step may use, supplied by the training loop (or by a user's own loop).
+
+    ``losses(batch)`` runs the current model on a batch and returns the task losses;
+    ``train_batch()`` draws a fresh batch of the training split and ``aux_batch()`` one of the
+    held-out ``aux`` split (``None`` when there is none).
+    """
+
+    losses: Callable[[Any], dict[str, Tensor]]
+    train_batch: Callable[[], Any]
+    aux_batch: Callable[[], Any] | None
+    shared: list[Tensor]
+    heads: list[Tensor]
+    learning_rate: float
 
 
 class Method(nn.Module):
@@ -76,6 +94,14 @@ class Method(nn.Module):
     def needs_representation(self) -> bool:
         """Whether ``backward`` needs the shared encoder's output (``representation=``)."""
         return False
+
+    def meta_due(self) -> bool:
+        """Whether a meta step should follow the optimizer step just taken."""
+        return False
+
+    def meta_step(self, context: MetaContext) -> dict[str, Any]:
+        """Update the method's own meta-parameters to lower the primary loss on held-out data."""
+        raise NotImplementedError(f"{self.name} has no meta step")
 
     def weights(self) -> dict[str, float] | None:
         """The task weights (or preferences) in use, by task name; ``None`` if the method has none."""

@@ -26,11 +26,11 @@ from typing import Any, Literal
 import numpy as np
 import torch
 from torch import Tensor, nn
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, default_collate
 
-from ..methods.base import Method
+from ..methods.base import MetaContext, Method
 from ..tasks import NonFiniteLossError, TaskSet
-from .data import Batch, epoch_batches, num_batches, to_device
+from .data import Batch, as_batch, epoch_batches, num_batches, to_device
 from .logging import RunLogger
 
 OptimizerFactory = Callable[[list[dict[str, Any]]], torch.optim.Optimizer]
@@ -74,6 +74,7 @@ class TrainerConfig:
     progress: bool = False
     tensorboard: bool = False
     drop_last: bool = False
+    meta_batch_size: int | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -202,7 +203,38 @@ class Trainer:
             self.scheduler.step()
         info = dict(info)
         info["losses"] = {k: float(v.detach()) for k, v in losses.items()}
+        if self.method.meta_due():
+            info["meta"] = self.method.meta_step(self._meta_context())
         return info
+
+    def _meta_context(self) -> MetaContext:
+        """Meta batches are drawn at random, seeded by (seed, step): reproducible and resumable."""
+        step = self.step
+
+        def draw(split: str, salt: int):
+            dataset = self.datasets[split]
+            generator = torch.Generator().manual_seed(self.config.seed * 1_000_003 + step * 7 + salt)
+            size = min(self.config.meta_batch_size or self.config.batch_size, len(dataset))
+            indices = torch.randperm(len(dataset), generator=generator)[:size].tolist()
+            if hasattr(dataset, "__getitems__"):
+                return dataset.__getitems__(indices)
+            return as_batch(default_collate([dataset[i] for i in indices]))
+
+        def losses(batch):
+            inputs, targets, masks = to_device(batch, self.device)
+            self.model.train()
+            with self._autocast():
+                _, outputs = self._forward(inputs)
+            return self.compute_losses(outputs, targets, masks)
+
+        return MetaContext(
+            losses=losses,
+            train_batch=lambda: draw("train", 1),
+            aux_batch=(lambda: draw("aux", 2)) if "aux" in self.datasets else None,
+            shared=self.shared,
+            heads=self.heads if self.heads is not None else [],
+            learning_rate=float(self.optimizer.param_groups[0]["lr"]),
+        )
 
     def _check_gradients(self) -> None:
         for group in self.optimizer.param_groups:
@@ -306,7 +338,7 @@ class Trainer:
                     self.batch_in_epoch += 1
                     if progress is not None:
                         progress.update(1)
-                    if info is not None and (self.step % self.config.log_every == 0 or self.step == 1):
+                    if info is not None and (self.step % self.config.log_every == 0 or self.step == 1 or "meta" in info):
                         self._record(info)
                     if checkpoint is not None and checkpoint_every and self.step % checkpoint_every == 0:
                         self._train_time += time.perf_counter() - start
