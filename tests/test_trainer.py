@@ -39,10 +39,13 @@ def _datasets(n=96):
 TASKS = [Task.classification("main", "primary"), Task.regression("aux")]
 
 
+HYPERPARAMETERS = {"auxinash": {"hypergrad_every": 4}}
+
+
 def _trainer(method="uncertainty", epochs=3, log_dir=None, **config):
     torch.manual_seed(0)
     model = TwoHeads()
-    m = methods.create(method, TASKS)
+    m = methods.create(method, TASKS, **HYPERPARAMETERS.get(method, {}))
     cfg = TrainerConfig(epochs=epochs, batch_size=16, seed=3, log_every=1, **config)
     return Trainer(model, m, _datasets(), partial(torch.optim.Adam, lr=1e-2), cfg, log_dir=log_dir,
                    scheduler=lambda opt, total: torch.optim.lr_scheduler.StepLR(opt, 5, 0.5))
@@ -61,7 +64,7 @@ def test_cpu_runs_repeat_exactly():
         assert torch.equal(v, _state(b)[k]), k
 
 
-@pytest.mark.parametrize("method", ["uncertainty", "dwa"])
+@pytest.mark.parametrize("method", ["uncertainty", "dwa", "pcgrad", "auxinash"])
 def test_resume_mid_epoch_gives_the_same_run(tmp_path, method):
     reference = _trainer(method, log_dir=tmp_path / "ref")
     expected = reference.fit()
@@ -172,3 +175,18 @@ def test_bfloat16_autocast_trains_on_cpu():
     result = trainer.fit()
     assert all(torch.isfinite(p).all() for p in trainer.model.parameters())
     assert 0.0 <= result.metrics["test"]["main/accuracy"] <= 1.0
+
+
+def test_tensorboard_logs_are_written(tmp_path):
+    pytest.importorskip("tensorboard")
+    trainer = _trainer(epochs=1, log_dir=tmp_path, tensorboard=True)
+    trainer.fit()
+    assert list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
+
+
+def test_meta_steps_run_and_are_logged(tmp_path):
+    trainer = _trainer("auxinash", epochs=1, log_dir=tmp_path)
+    trainer.fit()
+    names = {line.split(",")[3] for line in (tmp_path / "log.csv").read_text().splitlines()[1:]}
+    assert "meta/val_loss" in names
+    assert trainer.method.preferences.sum().item() == pytest.approx(2.0)
