@@ -54,3 +54,18 @@ def test_readme_quick_start_has_exactly_two_commands_and_ci_runs_the_test_one():
     assert "pytest" in commands[1]
     test_command = commands[1].split("&&")[-1].strip()
     assert test_command in (ROOT / ".ci" / "run").read_text()
+
+
+DATA = ROOT.parent / "shared" / "data"
+
+
+@pytest.mark.skipif(not DATA.is_dir(), reason=f"datasets not found at {DATA}")
+@pytest.mark.parametrize("experiment", ["adult", "movielens", "multimnist"])
+def test_real_data_experiments_run_end_to_end(tmp_path, experiment, monkeypatch):
+    monkeypatch.setenv("AUXILIA_CACHE", str(tmp_path.parent / "auxilia-cache"))
+    out = tmp_path / "results"
+    assert main(["run", experiment, "--method", "equal", "--method", "pcgrad-aux", "--seeds", "1",
+                 "--max-steps", "3", "--data-dir", str(DATA), "--out", str(out), "--no-plots"]) == 0
+    records = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+    assert [r["method"] for r in records] == ["equal", "pcgrad-aux"]
+    assert all(r["steps"] == 3 and set(r["metrics"]) == {"val", "test"} for r in records)

@@ -1,6 +1,6 @@
 """Experiments ``auxilia run`` can reproduce; each registers itself by name."""
 
-from . import toy  # noqa: F401  (registers the experiment)
+from . import adult, movielens, multimnist, toy  # noqa: F401  (registers the experiments)
 from .base import Experiment, Setup, available, get, register
 
 __all__ = ["Experiment", "Setup", "available", "get", "register"]
