@@ -69,3 +69,12 @@ def test_real_data_experiments_run_end_to_end(tmp_path, experiment, monkeypatch)
     records = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
     assert [r["method"] for r in records] == ["equal", "pcgrad-aux"]
     assert all(r["steps"] == 3 and set(r["metrics"]) == {"val", "test"} for r in records)
+
+
+def test_a_grid_resumes_without_rerunning_finished_runs(tmp_path, capsys):
+    args = ["run", "toy", "--method", "stl", "--seeds", "2", "--epochs", "1", "--out", str(tmp_path), "--no-plots"]
+    main(args)
+    main(args + ["--seeds", "3"])
+    lines = (tmp_path / "results.jsonl").read_text().splitlines()
+    assert [json.loads(line)["seed"] for line in lines] == [0, 1, 2]
+    assert "already in" in capsys.readouterr().out

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from . import experiments, methods
-from .experiments.runner import run_one
+from .experiments.runner import finished_runs, run_key, run_one
 from .report import format_table, load_results, plot_primary, plot_weights, summarize
 
 DEFAULT_EXPERIMENT = "toy"
@@ -103,8 +103,12 @@ def _run(args: argparse.Namespace) -> int:
     out = Path(args.out)
     trainer_overrides = {"epochs": args.epochs, "max_steps": args.max_steps, "progress": args.progress or None,
                          "amp": args.amp or None}
+    done = finished_runs(out)
     for name in names:
         for seed in range(args.first_seed, args.first_seed + args.seeds):
+            if run_key(experiment.name, name, seed, args.budget, hyperparameters, trainer_overrides) in done:
+                print(f"{experiment.name} {name:12s} seed {seed}: already in {out / 'results.jsonl'}, skipped")
+                continue
             record = run_one(
                 experiment, name, seed, out=out, device=args.device, data_dir=args.data_dir, budget=args.budget,
                 hyperparameters=hyperparameters, trainer_overrides=trainer_overrides,

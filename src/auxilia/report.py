@@ -1,4 +1,7 @@
-"""Tables and figures from ``results.jsonl``: mean ± std over seeds, Δp against ``stl``.
+"""Tables and figures from ``results.jsonl``: mean ± std over seeds, Δp against ``stl``, cost ratios.
+
+Peak memory is CUDA's peak allocation on GPU runs; on CPU it is the process's peak resident set, which
+only grows within one process, so its ratios are meaningful for GPU runs only.
 
 Δp is the relative change of the primary metric against ``stl`` in percent, signed so that positive
 means better (for a lower-is-better metric the sign is flipped).
@@ -46,6 +49,7 @@ def summarize(
             values = np.array([_value(r, metric) for r in mine], dtype=float)
             row[metric] = (float(np.nanmean(values)), float(np.nanstd(values))) if np.isfinite(values).any() else (math.nan, math.nan)
         row["time_per_step_s"] = float(np.mean([r["time_per_step_s"] for r in mine]))
+        row["peak_memory_bytes"] = float(np.mean([r.get("peak_memory_bytes", 0) for r in mine]))
         rows.append(row)
     stl = next((row for row in rows if row["method"] == "stl"), None)
     for row in rows:
@@ -59,8 +63,8 @@ def summarize(
 
 def format_table(rows: Sequence[dict[str, Any]], primary_name: str, extra_metrics: Sequence[str] = ()) -> str:
     """A Markdown table (readable in a terminal too)."""
-    equal = next((row["time_per_step_s"] for row in rows if row["method"] == "equal"), None)
-    header = ["method", "seeds", primary_name, *extra_metrics, "Δp vs stl (%)", "step time ÷ equal"]
+    equal = next((row for row in rows if row["method"] == "equal"), None)
+    header = ["method", "seeds", primary_name, *extra_metrics, "Δp vs stl (%)", "step time ÷ equal", "peak memory ÷ equal"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for row in rows:
         cells = [row["method"], str(row["n"])]
@@ -69,7 +73,8 @@ def format_table(rows: Sequence[dict[str, Any]], primary_name: str, extra_metric
             cells.append(f"{mean:.4g} ± {std:.2g}")
         delta = row["delta_p"]
         cells.append("—" if math.isnan(delta) else ("0.0" if abs(delta) < 0.05 else f"{delta:+.1f}"))
-        cells.append(f"{row['time_per_step_s'] / equal:.2f}" if equal else "—")
+        cells.append(f"{row['time_per_step_s'] / equal['time_per_step_s']:.2f}" if equal else "—")
+        cells.append(f"{row['peak_memory_bytes'] / equal['peak_memory_bytes']:.2f}" if equal and equal["peak_memory_bytes"] else "—")
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

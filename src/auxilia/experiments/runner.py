@@ -55,6 +55,28 @@ def _train(
     return trainer.fit(), trainer
 
 
+def run_key(
+    experiment: str, method: str, seed: int, budget: float,
+    hyperparameters: Mapping[str, Any], trainer_overrides: Mapping[str, Any],
+) -> str:
+    """Identifies a run in ``results.jsonl``, so that a grid can resume without redoing finished runs."""
+    settings = {k: v for k, v in trainer_overrides.items() if v is not None and k not in ("progress",)}
+    return json.dumps([experiment, method, seed, budget, _jsonable(hyperparameters), _jsonable(settings)], sort_keys=True)
+
+
+def finished_runs(out: str | Path) -> set[str]:
+    path = Path(out) / "results.jsonl"
+    if not path.exists():
+        return set()
+    keys = set()
+    for line in path.read_text().splitlines():
+        if line.strip():
+            key = json.loads(line).get("run_key")
+            if key:
+                keys.add(key)
+    return keys
+
+
 def run_one(
     experiment: Experiment,
     method_name: str,
@@ -108,6 +130,7 @@ def run_one(
 
     config = trainer.config
     record: dict[str, Any] = {
+        "run_key": run_key(experiment.name, method_name, seed, budget, overrides, trainer_overrides),
         "experiment": experiment.name,
         "method": method_name,
         "seed": seed,
