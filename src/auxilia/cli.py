@@ -39,7 +39,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     listing = commands.add_parser("methods", help="list the registered methods")
     listing.add_argument("-v", "--verbose", action="store_true", help="show each method's hyperparameters")
-    commands.add_parser("experiments", help="list the experiments")
+    listing_experiments = commands.add_parser("experiments", help="list the experiments")
+    listing_experiments.add_argument("-v", "--verbose", action="store_true", help="show each experiment's options")
 
     run = commands.add_parser("run", help="train methods x seeds on an experiment")
     run.add_argument("experiment", nargs="?", default=DEFAULT_EXPERIMENT, help=f"default: {DEFAULT_EXPERIMENT}")
@@ -53,6 +54,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--mode", choices=["loop", "batched", "representation"], help="gradient mode of gradient methods")
     run.add_argument("--hp", action="append", type=_hyperparameter, default=[], metavar="NAME=VALUE",
                      help="method hyperparameter (JSON value), applied to the methods that accept it")
+    run.add_argument("--option", action="append", type=_hyperparameter, default=[], metavar="NAME=VALUE",
+                     help="experiment option (JSON value), e.g. labels=5000; see 'auxilia experiments -v'")
     run.add_argument("--epochs", type=int)
     run.add_argument("--max-steps", type=int)
     run.add_argument("--amp", action="store_true", help="bfloat16 autocast")
@@ -100,18 +103,22 @@ def _run(args: argparse.Namespace) -> int:
             raise SystemExit(f"none of the methods {names} accepts hyperparameter {key!r}")
     if args.seeds < 1:
         raise SystemExit("--seeds must be at least 1")
+    options = dict(args.option)
+    unknown = sorted(set(options) - set(experiment.options()))
+    if unknown:
+        raise SystemExit(f"experiment {experiment.name!r} has no option {unknown[0]!r}; options: {experiment.options()}")
     out = Path(args.out)
     trainer_overrides = {"epochs": args.epochs, "max_steps": args.max_steps, "progress": args.progress or None,
                          "amp": args.amp or None}
     done = finished_runs(out)
     for name in names:
         for seed in range(args.first_seed, args.first_seed + args.seeds):
-            if run_key(experiment.name, name, seed, args.budget, hyperparameters, trainer_overrides) in done:
+            if run_key(experiment.name, name, seed, args.budget, hyperparameters, trainer_overrides, options) in done:
                 print(f"{experiment.name} {name:12s} seed {seed}: already in {out / 'results.jsonl'}, skipped")
                 continue
             record = run_one(
                 experiment, name, seed, out=out, device=args.device, data_dir=args.data_dir, budget=args.budget,
-                hyperparameters=hyperparameters, trainer_overrides=trainer_overrides,
+                hyperparameters=hyperparameters, trainer_overrides=trainer_overrides, options=options,
             )
             extra = " ".join(f"{m}={record['metrics'].get('test', {}).get(m, float('nan')):.4g}" for m in experiment.report_metrics)
             print(f"{experiment.name} {name:12s} seed {seed}: {record['primary_metric_name']}="
@@ -132,7 +139,10 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.command == "experiments":
         for name in experiments.available():
-            print(f"{name:18s} {experiments.get(name).description}")
+            experiment = experiments.get(name)
+            print(f"{name:18s} {experiment.description}")
+            if args.verbose and experiment.options():
+                print(" " * 19 + "options: " + ", ".join(f"{k}={v!r}" for k, v in experiment.options().items()))
         return 0
     if args.command == "run":
         return _run(args)

@@ -6,6 +6,7 @@ Per-method defaults (e.g. MAOAL's upper learning rate for this data) go in ``met
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -47,10 +48,19 @@ class Experiment:
     report_metrics: tuple[str, ...] = ()
     needs_data: bool = False
 
-    def setup(self, seed: int, data_dir: str | Path | None = None, budget: float = 1.0) -> Setup:
+    def options(self) -> dict[str, Any]:
+        """The experiment's own options (beyond seed, data_dir and budget) with their defaults."""
+        signature = inspect.signature(self.build)
+        return {p.name: p.default for p in signature.parameters.values() if p.name not in ("seed", "data_dir", "budget")}
+
+    def setup(self, seed: int, data_dir: str | Path | None = None, budget: float = 1.0, **options: Any) -> Setup:
         if not budget > 0:
             raise ValueError(f"budget must be positive, got {budget}")
-        return self.build(seed=seed, data_dir=data_dir, budget=budget)
+        unknown = sorted(set(options) - set(self.options()))
+        if unknown:
+            accepted = ", ".join(f"{k}={v!r}" for k, v in self.options().items()) or "none"
+            raise ValueError(f"experiment {self.name!r} has no option {unknown[0]!r}; it accepts: {accepted}")
+        return self.build(seed=seed, data_dir=data_dir, budget=budget, **options)
 
 
 _EXPERIMENTS: dict[str, Experiment] = {}

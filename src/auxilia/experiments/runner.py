@@ -58,10 +58,14 @@ def _train(
 def run_key(
     experiment: str, method: str, seed: int, budget: float,
     hyperparameters: Mapping[str, Any], trainer_overrides: Mapping[str, Any],
+    options: Mapping[str, Any] | None = None,
 ) -> str:
     """Identifies a run in ``results.jsonl``, so that a grid can resume without redoing finished runs."""
     settings = {k: v for k, v in trainer_overrides.items() if v is not None and k not in ("progress",)}
-    return json.dumps([experiment, method, seed, budget, _jsonable(hyperparameters), _jsonable(settings)], sort_keys=True)
+    parts = [experiment, method, seed, budget, _jsonable(hyperparameters), _jsonable(settings)]
+    if options:
+        parts.append(_jsonable(options))
+    return json.dumps(parts, sort_keys=True)
 
 
 def finished_runs(out: str | Path) -> set[str]:
@@ -88,15 +92,17 @@ def run_one(
     budget: float = 1.0,
     hyperparameters: Mapping[str, Any] | None = None,
     trainer_overrides: Mapping[str, Any] | None = None,
+    options: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Train ``method_name`` on ``experiment`` with ``seed``; append and return the result record."""
     out = Path(out)
     overrides = dict(hyperparameters or {})
+    options = dict(options or {})
     trainer_overrides = dict(trainer_overrides or {})
     run_dir = out / "runs" / experiment.name / method_name / f"seed{seed}"
     started = time.perf_counter()
 
-    setup = experiment.setup(seed, data_dir, budget)
+    setup = experiment.setup(seed, data_dir, budget, **options)
     hp = method_hyperparameters(method_name, setup.method_defaults, overrides)
     candidates = method_registry.create(method_name, setup.tasks, **hp).search_space(
         torch.Generator().manual_seed(seed)
@@ -107,7 +113,7 @@ def run_one(
         best: tuple[float, FitResult, dict[str, Any], Trainer] | None = None
         for index, candidate in enumerate(candidates):
             if index > 0:  # every trial starts from the same, freshly built model
-                setup = experiment.setup(seed, data_dir, budget)
+                setup = experiment.setup(seed, data_dir, budget, **options)
             trial_hp = {**hp, **candidate}
             result, trainer = _train(
                 setup, method_name, trial_hp, device=device,
@@ -130,7 +136,7 @@ def run_one(
 
     config = trainer.config
     record: dict[str, Any] = {
-        "run_key": run_key(experiment.name, method_name, seed, budget, overrides, trainer_overrides),
+        "run_key": run_key(experiment.name, method_name, seed, budget, overrides, trainer_overrides, options),
         "experiment": experiment.name,
         "method": method_name,
         "seed": seed,
@@ -152,6 +158,8 @@ def run_one(
             "batch_size": config.batch_size,
             "max_steps": config.max_steps,
             "budget": budget,
+            "options": _jsonable(options),
+            "notes": setup.notes,
             "device": device,
             "amp": config.amp,
             "torch": torch.__version__,
