@@ -17,15 +17,16 @@ from dataclasses import dataclass
 
 import numpy as np
 
-RIDGE = 1e-10
+RIDGES = (1e-10, 1e-8, 1e-6, 1e-4)  # relative to M's largest diagonal entry, tried in turn
+ACCEPT = 1e3  # a solve is accepted when its residual is within ACCEPT x tol
 
 
 @dataclass
 class NashSolution:
     alpha: np.ndarray
     iterations: int
-    residual: float  # max_k |α_k (Mα)_k − p_k| / p_k on the active tasks
-    ridge: float = 0.0  # absolute ridge added to M's diagonal (non-zero only for degenerate M)
+    residual: float  # max_k |α_k ((M + ridge I)α)_k − p_k| / p_k on the active tasks
+    ridge: float = 0.0  # absolute ridge added to M's diagonal (non-zero only when M has no agreement)
 
 
 def _objective(M: np.ndarray, p: np.ndarray, alpha: np.ndarray) -> float:
@@ -41,13 +42,25 @@ def nash_bargaining(
 ) -> NashSolution:
     """α > 0 with α_k (Mα)_k = p_k for a PSD Gram matrix ``M`` and bargaining powers ``p`` > 0.
 
-    Solved exactly first; only if that does not converge (the problem is unbounded when some
-    positive combination of gradients cancels) again with a ridge of 1e-10 relative to M's scale.
+    Solved exactly first (from ``warm_start``, then from a cold start). The exact problem has no
+    solution when some non-negative combination of the gradients cancels (0 in their convex hull:
+    no direction improves every task), and it is numerically out of reach when it nearly does (α
+    grows like 1/√λ_min(M) and α_k (Mα)_k loses all its digits to cancellation). Then the smallest
+    ridge of :data:`RIDGES` (relative to M's scale) whose solve reaches ``tol`` x 1e3 is used:
+    the bargaining of a slightly regularized game, whose update is correspondingly small. The
+    returned solution always has a finite α and, among the attempts, the smallest residual.
     """
-    solution = _nash(M, p, warm_start, tol, max_iter, ridge=0.0)
-    if solution.residual <= tol * 1e3 and np.all(np.isfinite(solution.alpha)):
-        return solution
-    return _nash(M, p, None, tol, max_iter, ridge=RIDGE)
+    best: NashSolution | None = None
+    attempts = [(warm_start, 0.0), (None, 0.0)] if warm_start is not None else [(None, 0.0)]
+    attempts += [(None, r) for r in RIDGES]
+    for start, ridge in attempts:
+        solution = _nash(M, p, start, tol, max_iter, ridge)
+        if best is None or solution.residual < best.residual:
+            best = solution
+        if solution.residual <= tol * ACCEPT:
+            return solution
+    assert best is not None
+    return best
 
 
 def _nash(M, p, warm_start, tol: float, max_iter: int, ridge: float) -> NashSolution:
@@ -77,9 +90,17 @@ def _nash(M, p, warm_start, tol: float, max_iter: int, ridge: float) -> NashSolu
             x = candidate
     if x is None:
         x = np.sqrt(q / np.diag(A))
+    # Along the ray t·x the objective is ½t²xᵀAx − Σq log t + const, minimized at t² = Σq / xᵀAx:
+    # starting there saves the many halving steps Newton needs when α is far larger than x.
+    curvature = float(x @ A @ x)
+    if curvature > 0 and np.isfinite(curvature):
+        x = x * np.sqrt(q.sum() / curvature)
     value = _objective(A, q, x)
+    best_x, best_residual = x, float(np.max(np.abs(x * (A @ x) - q) / q))
     iterations = 0
     for iterations in range(1, max_iter + 1):
+        if best_residual < tol:
+            break
         Ax = A @ x
         grad = Ax - q / x
         hess = A + np.diag(q / x**2)
@@ -88,7 +109,7 @@ def _nash(M, p, warm_start, tol: float, max_iter: int, ridge: float) -> NashSolu
         except np.linalg.LinAlgError:
             delta = np.linalg.lstsq(hess, grad, rcond=None)[0]
         decrement = float(grad @ delta)
-        if decrement < 0:  # numerical trouble: fall back to a scaled gradient step
+        if not decrement >= 0:  # numerical trouble: fall back to a scaled gradient step
             delta = grad * x**2 / q
             decrement = float(grad @ delta)
         shrinking = delta > 0
@@ -105,11 +126,12 @@ def _nash(M, p, warm_start, tol: float, max_iter: int, ridge: float) -> NashSolu
         x = x - step * delta
         value = _objective(A, q, x)
         residual = float(np.max(np.abs(x * (A @ x) - q) / q))
-        if residual < tol:
+        if not np.isfinite(residual) or not np.all(x > 0):
             break
-    alpha[idx] = x / np.sqrt(scale)
-    residual = float(np.max(np.abs(x * (A @ x) - q) / q))
-    return NashSolution(alpha, iterations, residual, ridge * scale)
+        if residual < best_residual:
+            best_x, best_residual = x, residual
+    alpha[idx] = best_x / np.sqrt(scale)
+    return NashSolution(alpha, iterations, best_residual, ridge * scale)
 
 
 def nash_sensitivity(M: np.ndarray, p: np.ndarray, alpha: np.ndarray, ridge: float = 0.0) -> np.ndarray:

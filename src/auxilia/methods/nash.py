@@ -86,21 +86,44 @@ class NashMTL(GradientAggregation):
         return (M / norm, norm) if norm > 0 else (M, 1.0)
 
     def _coefficients(self, G: Tensor) -> Tensor:
-        M, factor = self._solver_gram(G)
+        """α for this step: solved on the (normalized) Gram matrix, or reused between solves."""
         if not bool(self.solved) or int(self.steps) % self.update_weights_every == 0:
+            M, _ = self._solver_gram(G)
             p = self.preferences.cpu().numpy()
             warm = self.alpha.cpu().numpy() if bool(self.solved) else None
             solution = nash_bargaining(M, p, warm_start=warm)
             self.alpha = torch.as_tensor(solution.alpha, dtype=torch.float64, device=self.alpha.device)
             self.residual = torch.tensor(solution.residual, dtype=torch.float64, device=self.alpha.device)
             self.solved = torch.ones((), dtype=torch.bool, device=self.solved.device)
-        alpha = self.alpha.cpu().numpy()
-        coefficients = alpha.copy()
+        return self.alpha.to(G.device)
+
+    def aggregate(self, G: Tensor) -> Tensor:
+        """d = Σ α_k g_k, clipped to ``max_norm``.
+
+        The norm is that of the direction actually returned, not αᵀMα: when the gradients nearly
+        cancel (no direction improves every task), α is large and Σ α_k g_k, formed in G's
+        precision, can be far longer than the Gram matrix predicts.
+        """
+        if G.dim() != 2 or G.shape[0] != self.num_tasks:
+            raise ValueError(
+                f"{self.name}: expected a ({self.num_tasks}, P) matrix for tasks {self.task_names}, "
+                f"got shape {tuple(G.shape)}"
+            )
+        alpha = self._coefficients(G)
+        direction = alpha.to(G.dtype) @ G
+        factor = 1.0
         if self.max_norm > 0:
-            norm = math.sqrt(max(float(alpha @ M @ alpha) * factor, 0.0))  # ‖Σ α_k g_k‖ on the raw G
+            norm = float(direction.norm())
             if norm > self.max_norm:
-                coefficients *= self.max_norm / norm
-        return torch.as_tensor(coefficients, dtype=torch.float64, device=G.device)
+                factor = self.max_norm / norm
+                direction = direction * factor
+        self.last_weights = (alpha * factor).detach().to(self.last_weights)
+        return direction
+
+    def _backward(self, losses, shared, task_parameters, representation):
+        info = super()._backward(losses, shared, task_parameters, representation)
+        info["alpha"] = self._as_dict(self.alpha)
+        return info
 
     def weights(self) -> dict[str, float]:
         return self._as_dict(self.alpha)
