@@ -135,6 +135,10 @@ class Trainer:
             )
         self.shared = list(model.shared_parameters()) if hasattr(model, "shared_parameters") else list(model.parameters())
         self.heads = list(model.task_parameters()) if hasattr(model, "task_parameters") else None
+        # methods that need the model's structure (parameter names, modules) declare attach_model
+        attach = getattr(self.method, "attach_model", None)
+        if callable(attach):
+            attach(self.model, self.shared)
         groups = [{"params": [p for p in model.parameters() if p.requires_grad]}]
         own = [p for p in method.parameters() if p.requires_grad]
         if own:
