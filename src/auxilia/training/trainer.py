@@ -8,7 +8,11 @@ method nothing but what :class:`~auxilia.methods.Method` declares. The model con
 * ``model.shared_parameters()`` (optional; default: every parameter) are the parameters per-task
   gradients are taken on; ``model.task_parameters()`` (optional) the heads;
 * ``model.forward_with_representation(x) -> (representation, outputs)`` for methods whose
-  ``needs_representation`` is true.
+  ``needs_representation`` is true;
+* ``model.own_step(losses, step=, total_steps=, batch_in_epoch=)`` (optional) for a model that trains
+  ``model.own_parameters()`` by its own rule (e.g. Aux-NAS's architecture weights): called on every
+  batch after the losses; a non-``None`` result means the batch was spent there and no weight step
+  follows. ``own_parameters()`` are left out of the optimizer.
 """
 
 from __future__ import annotations
@@ -139,7 +143,10 @@ class Trainer:
         attach = getattr(self.method, "attach_model", None)
         if callable(attach):
             attach(self.model, self.shared)
-        groups = [{"params": [p for p in model.parameters() if p.requires_grad]}]
+        # a model that trains some parameters by its own rule (own_parameters/own_step) keeps them out
+        self._own_step = getattr(model, "own_step", None)
+        separate = {id(p) for p in model.own_parameters()} if hasattr(model, "own_parameters") else set()
+        groups = [{"params": [p for p in model.parameters() if p.requires_grad and id(p) not in separate]}]
         own = [p for p in method.parameters() if p.requires_grad]
         if own:
             groups.append({"params": own})
@@ -190,6 +197,10 @@ class Trainer:
             with self._autocast():
                 representation, outputs = self._forward(inputs)
             losses = self.compute_losses(outputs, targets, masks)
+            if self._own_step is not None:
+                own = self._own_step(losses, step=self.step, total_steps=self.total_steps, batch_in_epoch=self.batch_in_epoch)
+                if own is not None:  # the model spent this batch on its own parameters: no weight step
+                    return {"losses": {k: float(v.detach().mean()) for k, v in losses.items()}, "own": own}
             info = self.method.backward(losses, self.shared, self.heads, representation)
             self._check_gradients()
         except NonFiniteLossError as error:
