@@ -71,6 +71,39 @@ def test_real_data_experiments_run_end_to_end(tmp_path, experiment, monkeypatch)
     assert all(r["steps"] == 3 and set(r["metrics"]) == {"val", "test"} for r in records)
 
 
+@pytest.mark.skipif(not DATA.is_dir(), reason=f"datasets not found at {DATA}")
+@pytest.mark.parametrize("experiment, options", [
+    ("cifar10-rotation", ["train_size=256", "eval_size=200"]),
+    ("cifar10-ssl", ["train_size=256", "eval_size=200", "labels=100", 'backbone="convnet"']),
+])
+def test_cifar_experiments_run_end_to_end(tmp_path, experiment, options, monkeypatch):
+    monkeypatch.setenv("AUXILIA_CACHE", str(tmp_path.parent / "auxilia-cache"))
+    out = tmp_path / "results"
+    args = ["run", experiment, "--method", "gcs", "--seeds", "1", "--max-steps", "2", "--data-dir", str(DATA),
+            "--out", str(out), "--no-plots"]
+    for option in options:
+        args += ["--option", option]
+    assert main(args) == 0
+    (record,) = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+    assert record["steps"] == 2 and record["primary_metric_name"] == "test/label/accuracy"
+    assert 0.0 <= record["primary_metric"] <= 1.0
+
+
+def test_scenes_runs_end_to_end_with_its_options(tmp_path):
+    out = tmp_path / "results"
+    assert main(["run", "scenes", "--method", "stl", "--method", "pcgrad-aux", "--seeds", "1", "--max-steps", "2",
+                 "--option", "size=16", "--option", "train_size=8", "--option", "widths=[4, 8]",
+                 "--option", 'auxiliaries=["normals"]', "--out", str(out), "--no-plots"]) == 0
+    records = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+    assert [r["method"] for r in records] == ["stl", "pcgrad-aux"]
+    for record in records:
+        assert record["primary_metric_name"] == "test/segmentation/miou"
+        assert set(record["metrics"]["test"]) >= {"normals/angle_err", "segmentation/pixel_accuracy"}
+        assert "depth/loss" not in record["metrics"]["test"]
+    with pytest.raises(ValueError, match="unknown task 'height'"):
+        main(["run", "scenes", "--method", "stl", "--option", 'auxiliaries=["height"]', "--out", str(out)])
+
+
 def test_a_grid_resumes_without_rerunning_finished_runs(tmp_path, capsys):
     args = ["run", "toy", "--method", "stl", "--seeds", "2", "--epochs", "1", "--out", str(tmp_path), "--no-plots"]
     main(args)

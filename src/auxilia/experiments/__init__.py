@@ -1,6 +1,6 @@
 """Experiments ``auxilia run`` can reproduce; each registers itself by name."""
 
-from . import adult, cifar, movielens, multimnist, toy  # noqa: F401  (registers the experiments)
+from . import adult, cifar, movielens, multimnist, scenes, toy  # noqa: F401  (registers the experiments)
 from .base import Experiment, Setup, available, get, register
 
 __all__ = ["Experiment", "Setup", "available", "get", "register"]

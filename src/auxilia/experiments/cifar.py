@@ -12,7 +12,8 @@ ResNet-18 (``backbone="resnet18"``) or MAOAL's ConvNet (``"convnet"``, for CPU r
 momentum 0.9 weight decay 5e-4 with cosine decay, batch 128, 100 epochs at budget 1.
 
 Both: 45,000 train / 1,000 aux / 4,000 val from CIFAR-10's training set (seed 0, fixed across runs),
-test = CIFAR-10's test set. ``train_size`` subsamples the training split for smoke and CPU runs.
+test = CIFAR-10's test set. ``train_size`` subsamples the training split for CPU runs; ``eval_size``
+keeps only that many images of val and test, for smoke tests (a reported result leaves it unset).
 """
 
 from __future__ import annotations
@@ -35,12 +36,18 @@ def _cosine(optimizer, total: int):
     return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, max(total, 1))
 
 
-def _splits(data_dir, train_size: int | None):
+def _splits(data_dir, train_size: int | None, eval_size: int | None = None):
     x, y = load_cifar10(data_dir, "train")
     x_test, y_test = load_cifar10(data_dir, "test")
     splits = split_indices(len(x), {"val": 4_000, "aux": 1_000, "train": -1}, seed=0)
+    for name, size in (("train_size", train_size), ("eval_size", eval_size)):
+        if size is not None and size < 1:
+            raise ValueError(f"{name} must be a positive number of images, got {size}")
     if train_size is not None:
         splits["train"] = splits["train"][:train_size]
+    if eval_size is not None:  # smoke runs only: the protocol evaluates on all of val and test
+        splits["val"] = splits["val"][:eval_size]
+        x_test, y_test = x_test[:eval_size], y_test[:eval_size]
     return x, y, x_test, y_test, splits
 
 
@@ -52,8 +59,11 @@ def _encoder(backbone: str) -> tuple[nn.Module, int]:
     raise ValueError(f"backbone must be 'convnet' or 'resnet18', got {backbone!r}")
 
 
-def build_rotation(seed: int, data_dir: str | Path | None = None, budget: float = 1.0, train_size: int | None = None) -> Setup:
-    x, y, x_test, y_test, splits = _splits(data_dir, train_size)
+def build_rotation(
+    seed: int, data_dir: str | Path | None = None, budget: float = 1.0,
+    train_size: int | None = None, eval_size: int | None = None,
+) -> Setup:
+    x, y, x_test, y_test, splits = _splits(data_dir, train_size, eval_size)
 
     def dataset(images, labels):
         return TaskDataset(images, {"label": labels, "rotation": torch.arange(4).expand(len(labels), 4)})
@@ -68,15 +78,16 @@ def build_rotation(seed: int, data_dir: str | Path | None = None, budget: float 
         model=model, tasks=tasks, datasets=datasets,
         optimizer=partial(torch.optim.SGD, lr=0.01, momentum=0.9), scheduler=_cosine,
         config=TrainerConfig(epochs=max(1, round(200 * budget)), batch_size=256, eval_batch_size=500, seed=seed),
-        notes=f"MAOAL ConvNet; SGD 0.01 m0.9 cosine, batch 256, {max(1, round(200 * budget))} epochs; train_size={train_size}",
+        method_defaults={"maoal": {"meta_every": 20, "look_back": 3, "upper": "adam", "upper_lr": 1e-2}},
+        notes=f"MAOAL ConvNet; SGD 0.01 m0.9 cosine, batch 256, {max(1, round(200 * budget))} epochs; train_size={train_size}, eval_size={eval_size}",
     )
 
 
 def build_ssl(
     seed: int, data_dir: str | Path | None = None, budget: float = 1.0,
-    labels: int = 5000, backbone: str = "resnet18", train_size: int | None = None,
+    labels: int = 5000, backbone: str = "resnet18", train_size: int | None = None, eval_size: int | None = None,
 ) -> Setup:
-    x, y, x_test, y_test, splits = _splits(data_dir, train_size)
+    x, y, x_test, y_test, splits = _splits(data_dir, train_size, eval_size)
     train = splits["train"]
     labelled = balanced_subset(y[train], labels, seed=0) if labels < len(train) else torch.arange(len(train))
     mask = torch.zeros(len(train), dtype=torch.bool)
@@ -103,7 +114,7 @@ def build_ssl(
         model=model, tasks=tasks, datasets=datasets,
         optimizer=partial(torch.optim.SGD, lr=0.05, momentum=0.9, weight_decay=5e-4), scheduler=_cosine,
         config=TrainerConfig(epochs=epochs, batch_size=128, eval_batch_size=500, seed=seed),
-        notes=f"{labels} labels, {backbone}; SGD 0.05 m0.9 wd5e-4 cosine, batch 128, {epochs} epochs; train_size={train_size}",
+        notes=f"{labels} labels, {backbone}; SGD 0.05 m0.9 wd5e-4 cosine, batch 128, {epochs} epochs; train_size={train_size}, eval_size={eval_size}",
     )
 
 
