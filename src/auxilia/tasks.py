@@ -18,6 +18,7 @@ from torch import Tensor
 
 Role = Literal["primary", "auxiliary"]
 PerSampleLoss = Callable[[Tensor, Tensor], Tensor]
+REDUCTIONS = ("mean", "sample", "none")
 
 
 class TaskError(ValueError):
@@ -141,15 +142,32 @@ class Task:
             )
         return losses
 
-    def compute_loss(self, output: Tensor, target: Tensor, mask: Tensor | None = None) -> Tensor:
-        """Mean loss over the labelled samples; 0 (still on the graph) when none is labelled."""
+    def compute_loss(
+        self, output: Tensor, target: Tensor, mask: Tensor | None = None, reduction: str = "mean"
+    ) -> Tensor:
+        """Mean loss over the labelled samples; 0 (still on the graph) when none is labelled.
+
+        ``reduction="sample"`` returns the (B,) per-sample losses and ``"none"`` the loss function's
+        own unreduced shape (B, ...), e.g. per pixel, for methods that combine losses sample- or
+        pixel-wise. There, unlabelled samples are 0 and labelled ones are scaled by B / labelled,
+        so that the plain mean of either equals the ``"mean"`` loss.
+        """
+        if reduction not in REDUCTIONS:
+            raise TaskError(f"task {self.name!r}: reduction must be one of {REDUCTIONS}, got {reduction!r}")
         losses = self.per_sample_loss(output, target)
         per_sample = losses.reshape(losses.shape[0], -1).mean(dim=1)
         if mask is None:
-            return per_sample.mean()
+            if reduction == "mean":
+                return per_sample.mean()
+            return per_sample if reduction == "sample" else losses
         mask = self._check_mask(mask, per_sample)
         labelled = mask.sum()
-        return (per_sample * mask).sum() / labelled.clamp(min=1)
+        if reduction == "mean":
+            return (per_sample * mask).sum() / labelled.clamp(min=1)
+        scale = mask * (mask.numel() / labelled.clamp(min=1))
+        if reduction == "sample":
+            return per_sample * scale
+        return losses * scale.view(-1, *([1] * (losses.dim() - 1)))
 
     def new_metrics(self) -> dict[str, Metric]:
         made: dict[str, Metric] = {}
@@ -240,8 +258,12 @@ class TaskSet(Sequence[Task]):
                 return task
         raise TaskError(f"unknown task {name!r}; known tasks: {self.names}")
 
-    def ordered(self, losses: Mapping[str, Tensor], *, check_finite: bool = True) -> list[Tensor]:
-        """The losses as a list in task order, after checking names, shapes and finiteness."""
+    def ordered(
+        self, losses: Mapping[str, Tensor], *, check_finite: bool = True, scalar: bool = True
+    ) -> list[Tensor]:
+        """The losses as a list in task order, after checking names, shapes and finiteness.
+
+        ``scalar=False`` accepts unreduced losses of any shape (checked element-wise)."""
         unknown = [name for name in losses if name not in self.names]
         if unknown:
             raise TaskError(f"unknown task {unknown[0]!r} in losses; known tasks: {self.names}")
@@ -253,12 +275,19 @@ class TaskSet(Sequence[Task]):
             loss = losses[name]
             if not isinstance(loss, Tensor):
                 raise TaskError(f"task {name!r}: loss must be a tensor, got {type(loss).__name__}")
+            if not scalar:
+                ordered.append(loss)
+                continue
             if loss.numel() != 1:
                 raise TaskError(
                     f"task {name!r}: loss must be a scalar, got shape {tuple(loss.shape)}; reduce it first"
                 )
             ordered.append(loss.reshape(()))
-        if check_finite:
+        if check_finite and not scalar:
+            for name, loss in zip(self.names, ordered):
+                if not bool(torch.isfinite(loss.detach()).all()):
+                    raise NonFiniteLossError(name, f"task {name!r}: loss has non-finite entries")
+        elif check_finite:
             finite = torch.isfinite(torch.stack([loss.detach() for loss in ordered]).float())
             if not bool(finite.all()):
                 k = int((~finite).nonzero()[0])

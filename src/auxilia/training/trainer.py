@@ -181,10 +181,12 @@ class Trainer:
         if missing:
             raise KeyError(f"the model produced no output for task {missing[0]!r}; it returned {sorted(outputs)}")
         losses = {}
+        # a method that combines per-sample or per-pixel losses declares loss_reduction ("sample"/"none")
+        reduction = getattr(self.method, "loss_reduction", "mean")
         for task in self.tasks:
             if task.name not in targets:
                 raise KeyError(f"the batch has no targets for task {task.name!r}")
-            losses[task.name] = task.compute_loss(outputs[task.name].float(), targets[task.name], masks.get(task.name))
+            losses[task.name] = task.compute_loss(outputs[task.name].float(), targets[task.name], masks.get(task.name), reduction)
         return losses
 
     def train_step(self, batch: Batch) -> dict[str, Any] | None:
@@ -217,7 +219,7 @@ class Trainer:
         if self.scheduler is not None:
             self.scheduler.step()
         info = dict(info)
-        info["losses"] = {k: float(v.detach()) for k, v in losses.items()}
+        info["losses"] = {k: float(v.detach().mean()) for k, v in losses.items()}
         if self.method.meta_due():
             info["meta"] = self.method.meta_step(self._meta_context())
         return info
