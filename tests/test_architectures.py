@@ -114,6 +114,7 @@ def test_bad_configurations_raise_clear_errors():
         PenaltySchedule(10.0, 0.8, 0.5)
     model = AuxNAS([nn.Linear(4, 4)], [nn.Linear(4, 4)], nn.Identity(), nn.Identity(), features="token")
     with pytest.raises(ValueError, match="token fusion"):
+        model.projections["auxiliary"]["0"].map.weight.data.normal_()
         model.projections["auxiliary"]["0"]([torch.randn(2, 3, 4)], torch.ones(1), torch.randn(2, 5, 4))
 
 
@@ -178,8 +179,8 @@ def test_fused_layer_matches_an_independent_computation():
         model2.branches[t].head = nn.Identity()
     with torch.no_grad():
         out = model2(x)
-    torch.testing.assert_close(out["seg"], hp, rtol=0, atol=0)
-    torch.testing.assert_close(out["normals"], ha, rtol=0, atol=0)
+    torch.testing.assert_close(out["seg"], hp, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(out["normals"], ha, rtol=1e-5, atol=1e-6)
 
 
 def test_features_of_different_sizes_are_resized_bilinearly():
@@ -190,6 +191,22 @@ def test_features_of_different_sizes_are_resized_bilinearly():
     assert all(torch.isfinite(v).all() for v in out.values())
     c = next(c for c in model.connections if c.source_layer == 1 and c.target_layer == 2)
     assert c is not None
+
+
+def test_projection_equals_concat_then_conv_of_resized_features():
+    from auxilia.architectures import Projection
+
+    g = torch.Generator().manual_seed(0)
+    projection = Projection([3, 4, 2, 5], 6, "conv")
+    with torch.no_grad():
+        projection.map.weight.copy_(torch.randn(projection.map.weight.shape, generator=g))
+    sources = [torch.randn(2, 3, 8, 8, generator=g), torch.randn(2, 4, 4, 4, generator=g),
+               torch.randn(2, 2, 8, 8, generator=g), torch.randn(2, 5, 16, 16, generator=g)]
+    alpha = torch.rand(4, generator=g)
+    like = torch.zeros(2, 6, 8, 8)
+    resized = [F.interpolate(y, size=(8, 8), mode="bilinear", align_corners=False) if y.shape[-1] != 8 else y for y in sources]
+    naive = F.conv2d(torch.cat([a * y for a, y in zip(alpha, resized)], dim=1), projection.map.weight)
+    torch.testing.assert_close(projection(sources, alpha, like), naive, rtol=1e-5, atol=1e-5)
 
 
 def test_auxiliary_gradient_reaches_the_primary_branch_only_through_connections():

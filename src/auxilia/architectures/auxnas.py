@@ -287,8 +287,8 @@ class AuxNAS(nn.Module):
         })
         self.projections = nn.ModuleDict({task: nn.ModuleDict() for task in blocks})
         for (task, i), indices in self.incoming.items():
-            width = sum(widths[self.connections[k].source][self.connections[k].source_layer] for k in indices)
-            self.projections[task][str(i)] = Projection(width, widths[task][i], features)
+            source_widths = [widths[self.connections[k].source][self.connections[k].source_layer] for k in indices]
+            self.projections[task][str(i)] = Projection(source_widths, widths[task][i], features)
 
         n = len(self.connections)
         self.register_buffer("to_primary", torch.tensor([c.direction == AUXILIARY_TO_PRIMARY for c in self.connections], dtype=torch.bool))

@@ -101,11 +101,18 @@ def make_layer(block: nn.Module, channels: int, kind: FeatureKind, fused: bool, 
 
 class Projection(nn.Module):
     """``concat_j α_j · y_j`` -> the target's channels: a zero-initialised 1x1 conv (``conv``) or
-    linear map (``token``) without bias, so that at initialisation it adds exactly zero."""
+    linear map (``token``) without bias, so that at initialisation it adds exactly zero.
 
-    def __init__(self, in_channels: int, out_channels: int, kind: FeatureKind):
+    Computed as Σ over source resolutions of resize(W_s · concat_{j at s} y_j) with α folded into
+    the columns of W: the same linear map (1x1 convolution and bilinear resizing commute), with one
+    resize per resolution instead of one per source and no scaled copy of each feature map.
+    """
+
+    def __init__(self, source_channels: list[int], out_channels: int, kind: FeatureKind):
         super().__init__()
         self.kind = kind
+        self.source_channels = list(source_channels)
+        in_channels = sum(self.source_channels)
         if kind == "conv":
             self.map: nn.Module = nn.Conv2d(in_channels, out_channels, 1, bias=False)
         else:
@@ -113,8 +120,26 @@ class Projection(nn.Module):
         nn.init.zeros_(self.map.weight)
 
     def forward(self, sources: list[Tensor], weights: Tensor, like: Tensor) -> Tensor:
-        scaled = [w * match(y, like, self.kind) for w, y in zip(weights, sources)]
-        return self.map(torch.cat(scaled, dim=1 if self.kind == "conv" else -1))
+        if len(sources) != len(self.source_channels):
+            raise ValueError(f"the projection expects {len(self.source_channels)} sources, got {len(sources)}")
+        weight = self.map.weight
+        columns = weight.split(self.source_channels, dim=1)
+        groups: dict[tuple[int, ...], list[int]] = {}
+        for k, y in enumerate(sources):
+            if y.shape[1 if self.kind == "conv" else -1] != self.source_channels[k]:
+                raise ValueError(f"source {k} has {tuple(y.shape)}; expected {self.source_channels[k]} channels")
+            groups.setdefault(tuple(y.shape[2:]) if self.kind == "conv" else (), []).append(k)
+        out: Tensor | None = None
+        for members in groups.values():
+            w = torch.cat([columns[k] * weights[k] for k in members], dim=1)
+            if self.kind == "conv":
+                z = F.conv2d(torch.cat([sources[k] for k in members], dim=1), w)
+            else:
+                z = F.linear(torch.cat([sources[k] for k in members], dim=-1), w)
+            z = match(z, like, self.kind)
+            out = z if out is None else out + z
+        assert out is not None
+        return out
 
 
 def match(y: Tensor, like: Tensor, kind: FeatureKind) -> Tensor:
