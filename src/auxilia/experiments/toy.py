@@ -83,6 +83,8 @@ def build(seed: int, data_dir: str | Path | None = None, budget: float = 1.0) ->
         config=config,
         metrics_fn=w_dist,
         notes="x ~ N(0, I); SGD lr 0.02 momentum 0.9 cosine-annealed, batch 50, 20 epochs; test primary targets noise-free",
+        # 400 steps: a meta step every 5 gives AuxiLearn 80 combiner updates (every 50 would give 8)
+        method_defaults={"auxilearn": {"meta_every": 5}},
     )
 
 
