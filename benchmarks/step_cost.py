@@ -27,6 +27,7 @@ from torch import nn
 
 from auxilia import Task, gradients, methods
 from auxilia.methods import GradientAggregation
+from auxilia.methods.base import MetaContext
 
 
 class MLP(nn.Module):
@@ -66,7 +67,12 @@ def configurations(names: list[str]) -> list[tuple[str, str | None]]:
             out.extend((name, mode) for mode in gradients.MODES)
         else:
             out.append((name, None))
+        if "hypergrad_every" in methods.hyperparameters(name):  # meta-learned: time a meta step too
+            out.extend((name + META, mode) for n, mode in list(out) if n == name)
     return out
+
+
+META = "+meta"
 
 
 def build_step(model_name: str, K: int, method_name: str, mode: str | None):
@@ -98,6 +104,8 @@ def build_step(model_name: str, K: int, method_name: str, mode: str | None):
 
         return step, 0
 
+    with_meta = method_name.endswith(META)
+    method_name = method_name.removesuffix(META)
     hp = {"mode": mode} if mode is not None else {}
     method = methods.create(method_name, tasks, **hp)
     optimizer = torch.optim.SGD([*model.parameters(), *method.parameters()], lr=1e-3)
@@ -115,7 +123,17 @@ def build_step(model_name: str, K: int, method_name: str, mode: str | None):
         losses = {task.name: task.compute_loss(out[task.name], y[task.name]) for task in tasks}
         method.backward(losses, shared, heads, representation=rep if method.needs_representation else None)
         optimizer.step()
+        if with_meta:  # an ordinary step followed by a meta step on another batch of the same size
+            method.meta_step(context)
 
+    def meta_losses(batch):
+        inputs, targets = batch
+        _, out = model.forward_with_representation(inputs)
+        return {task.name: task.compute_loss(out[task.name], targets[task.name]) for task in tasks}
+
+    meta_batch = (torch.randn(*shape), {t: torch.randint(0, 10, (shape[0],)) for t in task_names})
+    context = MetaContext(losses=meta_losses, train_batch=lambda: meta_batch, aux_batch=lambda: meta_batch,
+                          shared=shared, heads=heads, learning_rate=1e-3)
     return step, jacobian_bytes
 
 
@@ -127,9 +145,14 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=15)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--out", default="benchmarks/results/step_cost_cpu")
+    parser.add_argument("--merge", action="store_true",
+                        help="keep the rows of other methods already in --out and replace only the methods timed now "
+                             "(each row's ratios are to the equal of its own run)")
     args = parser.parse_args()
 
     names = args.methods or methods.available()
+    if "equal" not in names:
+        names = ["equal", *names]
     rows = []
     for model_name in args.models:
         for K in args.tasks:
@@ -157,6 +180,16 @@ def main() -> None:
                     "jacobian_bytes": steps[(name, mode)][1],
                     "median_s": t,
                 })
+                if name.endswith(META):  # one step in hypergrad_every carries the meta step
+                    every = methods.hyperparameters(name.removesuffix(META))["hypergrad_every"]
+                    plain = median[(name.removesuffix(META), mode)]
+                    amortized = plain + (t - plain) / every
+                    rows.append({
+                        "model": model_name, "K": K, "method": f"{name.removesuffix(META)} (meta every {every})",
+                        "mode": mode or "-", "ratio_to_equal": amortized / equal,
+                        "ratio_to_grads": (amortized / reference) if reference else None,
+                        "jacobian_bytes": steps[(name, mode)][1], "median_s": amortized,
+                    })
             print(f"{model_name} K={K}: done", flush=True)
 
     out = Path(args.out)
@@ -165,6 +198,13 @@ def main() -> None:
         "platform": platform.platform(), "processor": _cpu_name(), "torch": torch.__version__,
         "threads": torch.get_num_threads(), "device": "cpu",
     }
+    if args.merge and out.with_suffix(".json").exists():
+        timed = {r["method"].split(" ")[0].removesuffix(META) for r in rows} - {"equal"}
+        timed = {t for t in timed if not t.startswith("grads:")}
+        kept = [r for r in json.loads(out.with_suffix(".json").read_text())["rows"]
+                if r["method"].split(" ")[0].removesuffix(META) not in timed]
+        new = [r for r in rows if r["method"].split(" ")[0].removesuffix(META) in timed]
+        rows = kept + [{**r, "merged": True} for r in new]
     out.with_suffix(".json").write_text(json.dumps({"machine": machine, "rows": rows}, indent=1))
     out.with_suffix(".md").write_text(render(rows, machine, args))
     print(out.with_suffix(".md").read_text())
@@ -183,13 +223,21 @@ def render(rows, machine, args) -> str:
         "forward pass plus the per-task gradients in the same mode (what the method cannot avoid). "
         "`G bytes`: the per-task gradient matrix held (float32).",
         "",
+        "`M+meta`: an ordinary step followed by a meta step (L_V and the hypergradient on another batch of the "
+        "same size); `M (meta every N)`: the amortized cost of M's default schedule, one meta step in N steps.",
+        "",
     ]
+    if any(r.get("merged") for r in rows):
+        lines += ["Rows marked * were timed in a later run, `python benchmarks/step_cost.py --methods "
+                  + " ".join(sorted({r["method"].split(" ")[0].removesuffix(META) for r in rows if r.get("merged")}))
+                  + f" --repeats {args.repeats} --merge`; their ratios are to that run's own `equal`.", ""]
     for model_name in args.models:
         lines += [f"## {model_name}", "", "| method | mode | " + " | ".join(f"K={K} ÷ equal | K={K} ÷ grads" for K in args.tasks) + " | G bytes (K=max) |",
                   "|---|---|" + "---|---|" * len(args.tasks) + "---|"]
         keys = list(dict.fromkeys((r["method"], r["mode"]) for r in rows if r["model"] == model_name))
         for method, mode in keys:
-            cells = [method, mode]
+            merged = any(r.get("merged") for r in rows if r["model"] == model_name and r["method"] == method)
+            cells = [method + (" *" if merged else ""), mode]
             last_bytes = 0
             for K in args.tasks:
                 row = next(r for r in rows if r["model"] == model_name and r["K"] == K and r["method"] == method and r["mode"] == mode)

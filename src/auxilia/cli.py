@@ -56,6 +56,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="method hyperparameter (JSON value), applied to the methods that accept it")
     run.add_argument("--option", action="append", type=_hyperparameter, default=[], metavar="NAME=VALUE",
                      help="experiment option (JSON value), e.g. labels=5000; see 'auxilia experiments -v'")
+    run.add_argument("--arch", help="architecture, for experiments with an 'arch' option (e.g. scenes: shared, "
+                                    "aux-g-stage, aux-g-layer, aux-nas); combines with any --method")
     run.add_argument("--epochs", type=int)
     run.add_argument("--max-steps", type=int)
     run.add_argument("--amp", action="store_true", help="bfloat16 autocast")
@@ -66,7 +68,30 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("out", nargs="?", default=DEFAULT_OUT)
     report.add_argument("--experiment")
     report.add_argument("--no-plots", action="store_true")
+
+    pareto = commands.add_parser("pareto", help="fixed-preference AuxiNash sweep vs Nash-MTL seeds on a two-task experiment")
+    pareto.add_argument("experiment", nargs="?", default="multimnist", help="default: multimnist")
+    pareto.add_argument("--points", type=int, default=11, help="preference vectors, and Nash-MTL seeds (default 11)")
+    pareto.add_argument("--seed", type=int, default=0, help="seed of the fixed-preference runs; Nash-MTL uses seed..seed+points-1")
+    pareto.add_argument("--out", default="auxilia-pareto")
+    pareto.add_argument("--device", default="cpu")
+    pareto.add_argument("--data-dir", default=None)
+    pareto.add_argument("--budget", type=float, default=1.0, help="scale of the training length, 1 = protocol")
+    pareto.add_argument("--epochs", type=int)
+    pareto.add_argument("--max-steps", type=int)
+    pareto.add_argument("--no-plots", action="store_true")
     return parser
+
+
+def _pareto(args: argparse.Namespace) -> int:
+    from .experiments.pareto import report_sweep, run_sweep
+
+    experiment = experiments.get(args.experiment)
+    overrides = {"epochs": args.epochs, "max_steps": args.max_steps}
+    run_sweep(experiment, args.out, points=args.points, seed=args.seed, budget=args.budget, device=args.device,
+              data_dir=args.data_dir, trainer_overrides=overrides)
+    print(report_sweep(args.out, experiment.name, plots=not args.no_plots))
+    return 0
 
 
 def _report(out: Path, experiment_name: str, plots: bool) -> str:
@@ -104,6 +129,10 @@ def _run(args: argparse.Namespace) -> int:
     if args.seeds < 1:
         raise SystemExit("--seeds must be at least 1")
     options = dict(args.option)
+    if args.arch is not None:
+        if "arch" not in experiment.options():
+            raise SystemExit(f"experiment {experiment.name!r} has no architecture choice (--arch)")
+        options["arch"] = args.arch
     unknown = sorted(set(options) - set(experiment.options()))
     if unknown:
         raise SystemExit(f"experiment {experiment.name!r} has no option {unknown[0]!r}; options: {experiment.options()}")
@@ -146,6 +175,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.command == "run":
         return _run(args)
+    if args.command == "pareto":
+        return _pareto(args)
     if args.command == "report":
         out = Path(args.out)
         names = [args.experiment] if args.experiment else list(dict.fromkeys(r["experiment"] for r in load_results(out)))

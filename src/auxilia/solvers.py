@@ -6,9 +6,12 @@ min_α ½ αᵀMα − Σ_k p_k log α_k — by damped Newton. A plain fixed-poi
 gradients conflict; Newton with a backtracking line search that keeps α > 0 converges in a handful of
 iterations.
 
-Degenerate Gram matrices (zero rows, exactly opposed gradients) make the problem unbounded: a tiny
-ridge relative to M's scale keeps α finite, and tasks whose gradient is zero get α_k = 0 (their
-gradient contributes nothing to the update anyway).
+The system is solved on the gradients' correlation matrix (α_k = β_k / ‖g_k‖), so the gradients'
+scales, and their spread between tasks, do not affect the accuracy. When no direction improves every
+task (a non-negative combination of the gradients cancels: exactly opposed gradients, or more tasks
+than shared parameters) the problem has no solution; a small ridge on M's diagonal then gives the
+bargaining of a slightly regularized game, whose update is correspondingly small. Tasks whose
+gradient is zero get α_k = 0 (their gradient contributes nothing to the update anyway).
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-RIDGES = (1e-10, 1e-8, 1e-6, 1e-4)  # relative to M's largest diagonal entry, tried in turn
+RIDGES = (1e-10, 1e-8, 1e-6, 1e-4)  # ρ, tried in turn: M_kk·ρ is added to M_kk
 ACCEPT = 1e3  # a solve is accepted when its residual is within ACCEPT x tol
 
 
@@ -25,8 +28,8 @@ ACCEPT = 1e3  # a solve is accepted when its residual is within ACCEPT x tol
 class NashSolution:
     alpha: np.ndarray
     iterations: int
-    residual: float  # max_k |α_k ((M + ridge I)α)_k − p_k| / p_k on the active tasks
-    ridge: float = 0.0  # absolute ridge added to M's diagonal (non-zero only when M has no agreement)
+    residual: float  # max_k |α_k ((M + diag(ridge))α)_k − p_k| / p_k on the active tasks
+    ridge: np.ndarray | float = 0.0  # (K,) ridge added to M's diagonal: ρ·M_kk, zero unless M has no agreement
 
 
 def _objective(M: np.ndarray, p: np.ndarray, alpha: np.ndarray) -> float:
@@ -46,7 +49,7 @@ def nash_bargaining(
     solution when some non-negative combination of the gradients cancels (0 in their convex hull:
     no direction improves every task), and it is numerically out of reach when it nearly does (α
     grows like 1/√λ_min(M) and α_k (Mα)_k loses all its digits to cancellation). Then the smallest
-    ridge of :data:`RIDGES` (relative to M's scale) whose solve reaches ``tol`` x 1e3 is used:
+    ridge ρ of :data:`RIDGES` (ρ·M_kk added to M_kk) whose solve reaches ``tol`` x 1e3 is used:
     the bargaining of a slightly regularized game, whose update is correspondingly small. The
     returned solution always has a finite α and, among the attempts, the smallest residual.
     """
@@ -74,18 +77,24 @@ def _nash(M, p, warm_start, tol: float, max_iter: int, ridge: float) -> NashSolu
     if not np.all(p > 0) or not np.all(np.isfinite(p)):
         raise ValueError(f"bargaining powers must be finite and > 0, got {p}")
     diag = np.clip(np.diag(M), 0.0, None)
-    scale = float(diag.max()) if K else 0.0
     alpha = np.zeros(K)
-    active = diag > scale * 1e-20 if scale > 0 else np.zeros(K, dtype=bool)
+    ridges = np.zeros(K)
+    # A task whose gradient is exactly zero (or so small that 1/‖g_k‖ overflows) takes no part.
+    active = (diag > 1e-300) & np.isfinite(1.0 / np.sqrt(np.maximum(diag, 1e-300)))
     if not active.any():
-        return NashSolution(alpha, 0, 0.0)
+        return NashSolution(alpha, 0, 0.0, ridges)
     idx = np.flatnonzero(active)
-    A = M[np.ix_(idx, idx)] / scale
+    # Jacobi scaling: with α_k = β_k / ‖g_k‖ the system reads β_k (Cβ)_k = p_k, C the correlation
+    # matrix of the gradients. The solution is then independent of the gradients' scales (Nash
+    # bargaining is invariant to rescaling a task's loss), so scales from 1e-15 to 1e15, and spreads
+    # between tasks as wide, cost nothing in accuracy.
+    norms = np.sqrt(diag[idx])
+    A = M[np.ix_(idx, idx)] / np.outer(norms, norms)
     A = 0.5 * (A + A.T) + ridge * np.eye(len(idx))
     q = p[idx]
     x = None
     if warm_start is not None:
-        candidate = np.asarray(warm_start, dtype=np.float64)[idx] * np.sqrt(scale)
+        candidate = np.asarray(warm_start, dtype=np.float64)[idx] * norms
         if np.all(np.isfinite(candidate)) and np.all(candidate > 0):
             x = candidate
     if x is None:
@@ -130,11 +139,12 @@ def _nash(M, p, warm_start, tol: float, max_iter: int, ridge: float) -> NashSolu
             break
         if residual < best_residual:
             best_x, best_residual = x, residual
-    alpha[idx] = best_x / np.sqrt(scale)
-    return NashSolution(alpha, iterations, best_residual, ridge * scale)
+    alpha[idx] = best_x / norms
+    ridges[idx] = ridge * diag[idx]
+    return NashSolution(alpha, iterations, best_residual, ridges)
 
 
-def nash_sensitivity(M: np.ndarray, p: np.ndarray, alpha: np.ndarray, ridge: float = 0.0) -> np.ndarray:
+def nash_sensitivity(M: np.ndarray, p: np.ndarray, alpha: np.ndarray, ridge: np.ndarray | float = 0.0) -> np.ndarray:
     """dα/dp (K x K) at a solution: (M + diag(p/α²))⁻¹ diag(1/α) (AuxiNash, Prop. 4.2).
 
     Differentiating α_k (Mα)_k = p_k gives diag(Mα) dα + diag(α) M dα = dp; with (Mα)_k = p_k/α_k this
@@ -150,6 +160,7 @@ def nash_sensitivity(M: np.ndarray, p: np.ndarray, alpha: np.ndarray, ridge: flo
     if len(idx) == 0:
         return out
     a = alpha[idx]
-    H = M[np.ix_(idx, idx)] + np.diag(p[idx] / a**2 + ridge)
+    ridges = np.broadcast_to(np.asarray(ridge, dtype=np.float64), (K,))
+    H = M[np.ix_(idx, idx)] + np.diag(p[idx] / a**2 + ridges[idx])
     out[np.ix_(idx, idx)] = np.linalg.solve(H, np.diag(1.0 / a))
     return out
