@@ -40,18 +40,20 @@ def summarize(
 ) -> list[dict[str, Any]]:
     """One row per method (in first-seen order): n, mean and std of the primary and extra metrics."""
     runs = [r for r in records if r["experiment"] == experiment]
-    methods = list(dict.fromkeys(r["method"] for r in runs))
+    # a run's label names its row: the method, or "<arch>/<method>" when an architecture was chosen
+    methods = list(dict.fromkeys(r.get("label") or r["method"] for r in runs))
     rows = []
     for method in methods:
-        mine = [r for r in runs if r["method"] == method]
-        row: dict[str, Any] = {"method": method, "n": len(mine), "higher_is_better": mine[0].get("higher_is_better", False)}
+        mine = [r for r in runs if (r.get("label") or r["method"]) == method]
+        row: dict[str, Any] = {"method": method, "base_method": mine[0]["method"], "n": len(mine),
+                               "higher_is_better": mine[0].get("higher_is_better", False)}
         for metric in ("primary", *extra_metrics):
             values = np.array([_value(r, metric) for r in mine], dtype=float)
             row[metric] = (float(np.nanmean(values)), float(np.nanstd(values))) if np.isfinite(values).any() else (math.nan, math.nan)
         row["time_per_step_s"] = float(np.mean([r["time_per_step_s"] for r in mine]))
         row["peak_memory_bytes"] = float(np.mean([r.get("peak_memory_bytes", 0) for r in mine]))
         rows.append(row)
-    stl = next((row for row in rows if row["method"] == "stl"), None)
+    stl = next((row for row in rows if row["method"] == "stl"), None) or _reference(rows, "stl")
     for row in rows:
         if stl is None or not stl["primary"][0]:
             row["delta_p"] = math.nan
@@ -61,9 +63,14 @@ def summarize(
     return rows
 
 
+def _reference(rows: Sequence[dict[str, Any]], method: str) -> dict[str, Any] | None:
+    """The first row whose runs used ``method`` (under any architecture)."""
+    return next((row for row in rows if row.get("base_method") == method), None)
+
+
 def format_table(rows: Sequence[dict[str, Any]], primary_name: str, extra_metrics: Sequence[str] = ()) -> str:
     """A Markdown table (readable in a terminal too)."""
-    equal = next((row for row in rows if row["method"] == "equal"), None)
+    equal = next((row for row in rows if row["method"] == "equal"), None) or _reference(rows, "equal")
     header = ["method", "seeds", primary_name, *extra_metrics, "Δp vs stl (%)", "step time ÷ equal", "peak memory ÷ equal"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for row in rows:

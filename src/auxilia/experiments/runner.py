@@ -99,7 +99,8 @@ def run_one(
     overrides = dict(hyperparameters or {})
     options = dict(options or {})
     trainer_overrides = dict(trainer_overrides or {})
-    run_dir = out / "runs" / experiment.name / method_name / f"seed{seed}"
+    label = f"{options['arch']}/{method_name}" if options.get("arch") else method_name
+    run_dir = out / "runs" / experiment.name / label / f"seed{seed}"
     started = time.perf_counter()
 
     setup = experiment.setup(seed, data_dir, budget, **options)
@@ -139,6 +140,7 @@ def run_one(
         "run_key": run_key(experiment.name, method_name, seed, budget, overrides, trainer_overrides, options),
         "experiment": experiment.name,
         "method": method_name,
+        "label": label,
         "seed": seed,
         "primary_metric": result.metrics.get("test", {}).get(result.primary_metric, math.nan),
         "primary_metric_name": f"test/{result.primary_metric}",

@@ -10,16 +10,25 @@ Model: a U-Net-shaped encoder-decoder (:class:`~auxilia.models.dense.DenseEncode
 budget 1 on 2,000 training scenes of 64 x 64; ``aux`` 100, ``val`` 300, ``test`` 500 scenes, all
 disjoint (scene generation seed 0, fixed across runs; the run's seed sets the model's
 initialization and the data order). ``size``, ``train_size`` and ``widths`` shrink it for CPU runs.
+
+``arch`` (``auxilia run scenes --arch NAME``) swaps the U-Net for a chain encoder-decoder of the same
+widths (:func:`~auxilia.architectures.dense_architecture`): ``shared`` (one chain for every task,
+Aux-Head), ``aux-g-stage``, ``aux-g-layer`` or ``aux-nas`` (one chain per task, fused); ``backbone``
+``token`` uses transformer blocks instead; ``arch_options`` are passed to
+:class:`~auxilia.architectures.AuxNAS` (e.g. ``{"arch_lr": 0.1, "window": 2}``). Runs with an ``arch``
+record the learned α as ``alpha/...`` metrics.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from functools import partial
 from pathlib import Path
+from typing import Any
 
 import torch
 
+from ..architectures import alpha_metrics, dense_architecture
 from ..data import SCENE_CLASSES, load_scenes
 from ..dense_tasks import DENSE_TASKS
 from ..models import dense_model
@@ -48,21 +57,30 @@ def build(
     size: int = 64,
     train_size: int = 2000,
     widths: Sequence[int] = (32, 64, 128),
+    arch: str | None = None,
+    backbone: str = "conv",
+    arch_options: Mapping[str, Any] | None = None,
 ) -> Setup:
     tasks = _tasks(primary, auxiliaries)
     if train_size < 1:
         raise ValueError(f"scenes: train_size must be positive, got {train_size}")
     datasets = load_scenes({"train": train_size, **SPLIT_SIZES}, seed=0, size=size)
     torch.manual_seed(seed)
-    model = dense_model(len(SCENE_CLASSES), [t.name for t in tasks], widths=tuple(widths))
+    if arch is None:
+        model = dense_model(len(SCENE_CLASSES), [t.name for t in tasks], widths=tuple(widths))
+    else:  # a chain backbone: shared by the tasks, or one branch per task (Aux-G, Aux-NAS)
+        model = dense_architecture(arch, [t.name for t in tasks], len(SCENE_CLASSES), widths=tuple(widths),
+                                   backbone=backbone, image_size=size, **dict(arch_options or {}))
     return Setup(
         model=model,
         tasks=tasks,
         datasets=datasets,
         optimizer=partial(torch.optim.Adam, lr=1e-3),
         config=TrainerConfig(epochs=max(1, round(30 * budget)), batch_size=32, eval_batch_size=100, seed=seed),
+        metrics_fn=alpha_metrics if arch is not None else None,
         notes=(f"scenes {size}x{size}, {train_size} train / 100 aux / 300 val / 500 test; encoder-decoder widths "
-               f"{tuple(widths)}; Adam 1e-3, batch 32, 30 epochs at budget 1"),
+               f"{tuple(widths)}; Adam 1e-3, batch 32, 30 epochs at budget 1"
+               + (f"; architecture {arch} ({backbone} chain backbone)" if arch is not None else "")),
     )
 
 
