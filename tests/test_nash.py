@@ -169,3 +169,235 @@ def test_bad_hyperparameters():
         methods.create("auxinash", TASKS, primary="main", preferences={"zz": 1.0})
     with pytest.raises(ValueError, match="update_weights_every"):
         methods.create("nash-mtl", TASKS, primary="main", update_weights_every=0)
+
+
+# ---------------------------------------------------------------- the solver
+from auxilia.solvers import nash_bargaining, nash_sensitivity  # noqa: E402
+
+
+def _gram_family(kind, K, seed, scale=1.0):
+    """Gram matrices of generated gradients: the situations the solver meets in training."""
+    rng = np.random.default_rng([seed, K])
+    P = 3 * K
+    if kind == "random":
+        G = rng.standard_normal((K, P))
+    elif kind == "conflicting":  # tasks pairwise pulling against a shared direction
+        base = rng.standard_normal(P)
+        G = np.where(np.arange(K) % 2 == 0, 1.0, -0.8)[:, None] * base + 0.5 * rng.standard_normal((K, P))
+    elif kind == "spread":  # task scales from 1e-6 to 1e6 in one matrix
+        G = rng.standard_normal((K, P)) * np.logspace(-6, 6, K)[:, None]
+    elif kind == "near_singular":  # nearly dependent gradients that still share a descent direction
+        G = np.abs(rng.standard_normal((K, 2))) @ rng.standard_normal((2, P)) + 2 * rng.standard_normal(P)
+        G = G + 1e-7 * rng.standard_normal((K, P))
+    else:
+        raise ValueError(kind)
+    G = G * scale
+    return G @ G.T
+
+
+def _kkt(M, p, alpha):
+    return np.max(np.abs(alpha * (M @ alpha) - p) / p)
+
+
+@pytest.mark.parametrize("kind", ["random", "conflicting", "spread", "near_singular"])
+@pytest.mark.parametrize("K", [1, 2, 3, 5, 10])
+def test_solver_kkt_residual_over_gram_families(kind, K):
+    for seed in range(4):
+        M = _gram_family(kind, K, seed)
+        p = np.random.default_rng(seed).uniform(0.1, 3.0, K)
+        solution = nash_bargaining(M, p)
+        assert np.all(solution.alpha > 0)
+        assert _kkt(M, p, solution.alpha) < 1e-6, (kind, K, seed, solution)
+        assert np.all(solution.ridge == 0)  # every family has a common descent direction
+
+
+@pytest.mark.parametrize("scale", [1e-15, 1e-8, 1.0, 1e8, 1e15])
+def test_solver_is_exact_at_extreme_scales(scale):
+    M = _gram_family("conflicting", 5, 0, scale)
+    p = np.array([3.0, 0.5, 0.5, 0.5, 0.5])
+    alpha = nash_bargaining(M, p).alpha
+    assert _kkt(M, p, alpha) < 1e-6
+    # rescaling every gradient by s rescales α by 1/s (scale equivariance of the bargaining)
+    reference = nash_bargaining(_gram_family("conflicting", 5, 0), p).alpha
+    np.testing.assert_allclose(alpha * scale, reference, rtol=1e-6)
+
+
+def test_solver_without_agreement_returns_a_converged_regularized_solution():
+    """Three tasks on two parameters whose gradients positively cancel: no direction improves all.
+    The bargaining of the ridge-regularized game is returned, converged, with a small update."""
+    G = np.array([[1.0, 0.2], [-0.6, 1.0], [-0.5, -1.1]])
+    M = G @ G.T
+    p = np.ones(3)
+    solution = nash_bargaining(M, p)
+    assert np.all(np.isfinite(solution.alpha)) and np.all(solution.alpha > 0)
+    assert np.all(solution.ridge > 0)
+    regularized = M + np.diag(solution.ridge)
+    assert _kkt(regularized, p, solution.alpha) < 1e-6
+    # ‖d‖² = Σp − Σ ridge_k α_k²: far below the Σp of a game with agreement
+    assert float(solution.alpha @ M @ solution.alpha) < 0.1 * p.sum()
+
+
+def test_solver_from_a_far_warm_start_still_converges():
+    M = _gram_family("random", 5, 1)
+    p = np.ones(5)
+    exact = nash_bargaining(M, p).alpha
+    for warm in (exact * 1e6, exact * 1e-6, np.full(5, 1e3)):
+        assert _kkt(M, p, nash_bargaining(M, p, warm_start=warm).alpha) < 1e-6
+
+
+@pytest.mark.parametrize("no_agreement", [False, True])
+def test_sensitivity_matches_finite_differences_of_the_solver(no_agreement):
+    if no_agreement:
+        G = np.array([[1.0, 0.2], [-0.6, 1.0], [-0.5, -1.1]])
+    else:
+        G = np.random.default_rng(3).standard_normal((3, 7))
+    M = G @ G.T
+    p = np.array([1.4, 0.7, 0.9])
+    solution = nash_bargaining(M, p, tol=1e-14)
+    J = nash_sensitivity(M, p, solution.alpha, solution.ridge)
+    eps = 1e-6 * p
+    for j in range(3):
+        e = np.eye(3)[j] * eps[j]
+        hi = nash_bargaining(M, p + e, tol=1e-14)
+        lo = nash_bargaining(M, p - e, tol=1e-14)
+        assert np.array_equal(hi.ridge > 0, solution.ridge > 0)  # same regime on both sides
+        fd = (hi.alpha - lo.alpha) / (2 * eps[j])
+        np.testing.assert_allclose(J[:, j], fd, rtol=2e-4, atol=1e-9 * np.abs(solution.alpha).max())
+
+
+def test_solver_agrees_with_cvxpy_on_well_conditioned_problems():
+    cp = pytest.importorskip("cvxpy")
+    rng = np.random.default_rng(0)
+    for K in (2, 3, 5):
+        G = rng.standard_normal((K, 4 * K))
+        M = G @ G.T
+        M = M / np.linalg.norm(M)
+        p = rng.uniform(0.5, 2.0, K)
+        alpha = cp.Variable(K, pos=True)
+        L = np.linalg.cholesky(M)
+        cp.Problem(cp.Minimize(0.5 * cp.sum_squares(L.T @ alpha) - p @ cp.log(alpha))).solve()
+        ours = nash_bargaining(M, p).alpha
+        np.testing.assert_allclose(ours, alpha.value, rtol=1e-3)
+        assert _kkt(M, p, ours) < 1e-9 < _kkt(M, p, alpha.value) + 1e-9  # ours is at least as accurate
+
+
+# ---------------------------------------------------------------- the update
+def test_clipping_bounds_the_direction_actually_returned():
+    """Nearly cancelling float32 gradients (the toy's situation: 3 tasks on 2 parameters): α is
+    large, and the float32 direction can be much longer than αᵀMα says. The clip must hold for
+    the returned direction."""
+    G = torch.tensor([[-0.23, 1.32], [-0.54, -2.47], [2.36, 7.04]], dtype=torch.float32)
+    for name in ("nash-mtl", "auxinash"):
+        method = methods.create(name, TASKS, primary="main", max_norm=1.0)
+        for _ in range(3):
+            d = method.aggregate(G)
+            assert torch.isfinite(d).all()
+            assert float(d.norm()) <= 1.0 + 1e-5
+            torch.testing.assert_close(method.last_weights.float() @ G, d, rtol=1e-4, atol=1e-5)
+            method.steps += 1
+
+
+def test_solve_on_the_toy_geometry_is_converged():
+    G = torch.tensor([[-0.23, 1.32], [-0.54, -2.47], [2.36, 7.04]], dtype=torch.float32)
+    method = methods.create("nash-mtl", TASKS, primary="main")
+    method.aggregate(G)
+    assert float(method.residual) < 1e-6
+
+
+class _Encoder(nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.encoder = nn.Sequential(nn.Linear(3, 4), nn.Tanh())
+        self.heads = nn.ModuleDict({t: nn.Linear(4, 1) for t in TASKS})
+
+    def forward_with_representation(self, x):
+        rep = self.encoder(x)
+        return rep, {t: h(rep).squeeze(-1) for t, h in self.heads.items()}
+
+
+@pytest.mark.parametrize("mode", ["loop", "batched", "representation"])
+def test_nash_mtl_and_uniform_auxinash_give_identical_gradients(mode):
+    grads = []
+    for name, hp in (("nash-mtl", {}), ("auxinash", {"preferences": [0.3, 0.3, 0.3], "learn_preferences": False})):
+        model = _Encoder().double()
+        method = methods.create(name, TASKS, primary="main", mode=mode, **hp)
+        x, y = _batch(5)
+        for _ in range(3):  # warm starts follow the same path
+            model.zero_grad()
+            rep, out = model.forward_with_representation(x)
+            losses = {t: ((out[t] - y[t]) ** 2).mean() for t in TASKS}
+            info = method.backward(losses, list(model.encoder.parameters()), list(model.heads.parameters()),
+                                   representation=rep if mode == "representation" else None)
+        grads.append([p.grad.clone() for p in model.parameters()])
+        assert set(info["alpha"]) == set(TASKS)
+        assert info["alpha"] == method._as_dict(method.alpha)
+    for a, b in zip(*grads):
+        assert torch.equal(a, b)
+
+
+# ---------------------------------------------------------------- the meta step
+def test_meta_step_takes_the_clipped_momentum_step_then_clips_and_renormalizes(monkeypatch):
+    method = methods.create("auxinash", TASKS, primary="main", preferences=[1.0, 1.0, 1.0], meta_lr=0.6,
+                            meta_momentum=0.5, meta_max_norm=1.0, min_preference=1e-2)
+    grads = iter([torch.tensor([0.0, 3.0, -4.0], dtype=torch.float64), torch.tensor([0.0, 30.0, 0.0], dtype=torch.float64)])
+    monkeypatch.setattr(method, "preference_gradient", lambda context: (next(grads), {}))
+    info = method.meta_step(None)
+    assert info["preference_grad_norm"] == pytest.approx(5.0)
+    expected = torch.tensor([1.0, 1.0 - 0.6 * 0.6, 1.0 + 0.6 * 0.8], dtype=torch.float64)
+    torch.testing.assert_close(method.preferences, expected * 3 / expected.sum())
+    torch.testing.assert_close(method.momentum, torch.tensor([0.0, 0.6, -0.8], dtype=torch.float64))
+    # second step: the momentum carries; p_helpful would go negative, so it is clipped, then renormalized
+    before = method.preferences.clone()
+    method.meta_step(None)
+    momentum = torch.tensor([0.0, 0.5 * 0.6 + 1.0, 0.5 * -0.8], dtype=torch.float64)
+    raw = (before - 0.6 * momentum).clamp(min=1e-2)
+    assert raw[1] == 1e-2
+    torch.testing.assert_close(method.preferences, raw * 3 / raw.sum())
+    assert float(method.preferences.sum()) == pytest.approx(3.0)
+
+
+def test_fixed_preferences_take_no_meta_step():
+    method = methods.create("auxinash", TASKS, primary="main", preferences={"a": 3.0}, learn_preferences=False)
+    for step in range(60):
+        method.steps.fill_(step)
+        assert not method.meta_due()
+    torch.testing.assert_close(method.preferences, torch.tensor([0.6, 1.8, 0.6], dtype=torch.float64))
+
+
+def test_meta_step_gradient_with_neumann_terms_scales_as_the_series():
+    """With the unscaled convention and a tiny step the Neumann vector is ≈ (n + 1) g_V, so the
+    preference gradient with n terms is ≈ (n + 1) times the one with none."""
+    torch.set_default_dtype(torch.float64)
+    try:
+        model = Tiny()
+        context = _context(model, _batch(1), _batch(2))
+        grads = []
+        for n in (0, 3):
+            method = methods.create("auxinash", TASKS, primary="main", meta_source="aux", neumann_terms=n,
+                                    neumann_lr=1e-7)
+            grads.append(method.preference_gradient(context)[0])
+        torch.testing.assert_close(grads[1], 4 * grads[0], rtol=1e-4, atol=1e-12)
+    finally:
+        torch.set_default_dtype(torch.float32)
+
+
+def test_checkpoint_round_trip_with_weights_only_load(tmp_path):
+    model = Tiny().double()
+    method = methods.create("auxinash", TASKS, primary="main", meta_source="aux")
+    method.aggregate(_G(4))
+    method.meta_step(_context(model, _batch(1), _batch(2)))
+    method.meta_step(_context(model, _batch(3), _batch(2)))
+    torch.save(method.state_dict(), tmp_path / "m.pt")
+    clone = methods.create("auxinash", TASKS, primary="main", meta_source="aux")
+    clone.load_state_dict(torch.load(tmp_path / "m.pt", weights_only=True))
+    for key in ("preferences", "alpha", "momentum", "steps", "solved", "residual"):
+        assert torch.equal(getattr(clone, key), getattr(method, key)), key
+    # the restored method continues exactly as the original
+    G = _G(6)
+    method.steps += 1
+    clone.steps += 1
+    assert torch.equal(method.aggregate(G), clone.aggregate(G))
+    method.meta_step(_context(model, _batch(7), _batch(2)))
+    clone.meta_step(_context(model, _batch(7), _batch(2)))
+    assert torch.equal(method.preferences, clone.preferences) and torch.equal(method.momentum, clone.momentum)
