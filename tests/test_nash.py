@@ -401,3 +401,20 @@ def test_checkpoint_round_trip_with_weights_only_load(tmp_path):
     method.meta_step(_context(model, _batch(7), _batch(2)))
     clone.meta_step(_context(model, _batch(7), _batch(2)))
     assert torch.equal(method.preferences, clone.preferences) and torch.equal(method.momentum, clone.momentum)
+
+
+def test_meta_source_train_draws_a_different_batch_for_the_validation_loss():
+    from auxilia.training.data import TaskDataset
+    from auxilia.training.trainer import Trainer, TrainerConfig
+
+    x = torch.randn(200, 3)
+    data = TaskDataset(x, {t: x[:, 0] for t in TASKS})
+    model = _Encoder()
+    method = methods.create("auxinash", TASKS, primary="main", meta_source="train")
+    trainer = Trainer(model, method, {"train": data}, lambda groups: torch.optim.SGD(groups, lr=0.1),
+                      TrainerConfig(batch_size=16))
+    first, second = trainer._meta_context().train_batch(), trainer._meta_context().train_batch()
+    assert torch.equal(first[0], second[0])  # reproducible per step
+    context = trainer._meta_context()
+    a, b = context.train_batch(), context.train_batch()
+    assert torch.equal(a[0], first[0]) and not torch.equal(a[0], b[0])

@@ -225,11 +225,19 @@ class Trainer:
         return info
 
     def _meta_context(self) -> MetaContext:
-        """Meta batches are drawn at random, seeded by (seed, step): reproducible and resumable."""
+        """Meta batches are drawn at random, seeded by (seed, step): reproducible and resumable.
+
+        Every call draws a fresh batch (the n-th call of a split in this meta step is seeded by
+        (seed, step, n)), so a method that takes its training and validation losses from two
+        ``train_batch()`` calls gets two different batches.
+        """
         step = self.step
+        calls = {"train": 0, "aux": 0}
 
         def draw(split: str, salt: int):
             dataset = self.datasets[split]
+            salt += 1_000 * calls[split]  # the first call draws what it always drew
+            calls[split] += 1
             generator = torch.Generator().manual_seed(self.config.seed * 1_000_003 + step * 7 + salt)
             size = min(self.config.meta_batch_size or self.config.batch_size, len(dataset))
             indices = torch.randperm(len(dataset), generator=generator)[:size].tolist()
