@@ -389,3 +389,25 @@ def test_registered_with_its_hyperparameters():
     assert isinstance(methods.create("maoal", NAMES, primary="main"), MAOAL)
     hp = methods.hyperparameters("maoal")
     assert hp["meta_every"] == 20 and hp["look_back"] == 3 and hp["upper"] == "adam" and hp["upper_lr"] == 1e-2
+
+
+def test_meta_step_works_through_attention_blocks():
+    """Fused attention kernels have no double backward; the meta step must still run on AutoInt."""
+    from auxilia.models import autoint_encoder
+
+    torch.manual_seed(0)
+    encoder = autoint_encoder(20, dim=8, blocks=2, heads=2)
+    head = nn.Linear(8 * 3, 1)
+    fields = torch.randint(0, 20, (16, 3))
+
+    def losses(_):
+        z = encoder(fields)
+        return {"main": (head(z).squeeze(-1) - 1).pow(2).mean(), "x": sum(p.pow(2).sum() for p in encoder.parameters())}
+
+    tasks = [Task.regression("main", "primary"), Task.regression("x")]
+    method = methods.create("maoal", tasks).attach([(f"encoder.{n}", p) for n, p in encoder.named_parameters()])
+    assert method.module_names == ["embedding", "block1", "block2"]
+    context = MetaContext(losses=losses, train_batch=lambda: 0, aux_batch=lambda: 1, shared=list(encoder.parameters()),
+                          heads=list(head.parameters()), learning_rate=0.01)
+    grad, _ = method.meta_gradient(context)
+    assert grad.shape == (1, 3) and bool(torch.isfinite(grad).all()) and float(grad.abs().sum()) > 0

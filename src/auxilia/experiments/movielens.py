@@ -52,6 +52,7 @@ def build(seed: int, data_dir: str | Path | None = None, budget: float = 1.0) ->
         model=model, tasks=tasks, datasets=datasets,
         optimizer=partial(torch.optim.Adam, lr=1e-3),
         config=TrainerConfig(epochs=max(1, round(20 * budget)), batch_size=256, seed=seed),
+        method_defaults={"maoal": {"meta_every": 20, "look_back": 3, "upper": "sgd", "upper_lr": 1e-3, "upper_momentum": 0.9}},
         notes="ML-100K; AutoInt (16-dim, 4 blocks x 4 heads); Adam 1e-3, batch 256, 20 epochs at budget 1",
     )
 

@@ -43,6 +43,7 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from ..gradients import as_parameter_list, jacobian, other_parameters, write_gradient
 from ..hypergrad import hypergradient
@@ -284,7 +285,14 @@ class MAOAL(Method):
         return int(self.steps) > 0 and int(self.steps) % self.meta_every == 0
 
     def meta_gradient(self, context: MetaContext) -> tuple[Tensor, dict[str, Any]]:
-        """dL_V/dw at the current parameters through the look-back approximation (no state changes)."""
+        """dL_V/dw at the current parameters through the look-back approximation (no state changes).
+
+        The forward passes run with the math attention kernel: the fused CPU/CUDA attention kernels
+        have no double backward, which the Hessian-vector products need."""
+        with sdpa_kernel([SDPBackend.MATH]):
+            return self._meta_gradient(context)
+
+    def _meta_gradient(self, context: MetaContext) -> tuple[Tensor, dict[str, Any]]:
         shared = as_parameter_list(context.shared)
         self._check_bound(shared)
         train = self.tasks.ordered(context.losses(context.train_batch()))
