@@ -431,3 +431,26 @@ def test_nonfinite_architecture_gradient_changes_nothing():
         model.own_step(losses, step=1, total_steps=10, batch_in_epoch=1)
     for k, v in model.state_dict().items():
         assert torch.equal(v, before[k]), k
+
+
+# ---------------------------------------------------------------- the runner
+
+
+def test_cli_arch_option_runs_any_method_on_aux_nas_and_reports_alpha(tmp_path, capsys):
+    from auxilia import cli
+    from auxilia.architectures.analysis import report_alpha
+
+    common = ["run", "scenes", "--seeds", "1", "--epochs", "2", "--no-plots", "--out", str(tmp_path),
+              "--option", "size=16", "--option", "train_size=16", "--option", 'auxiliaries=["normals"]',
+              "--option", "widths=[4,8]"]
+    assert cli.main([*common, "--arch", "aux-nas", "--method", "gcs"]) == 0
+    assert cli.main([*common, "--arch", "shared", "--method", "stl"]) == 0
+    table = capsys.readouterr().out
+    assert "aux-nas/gcs" in table and "shared/stl" in table
+    records = [__import__("json").loads(line) for line in (tmp_path / "results.jsonl").read_text().splitlines()]
+    assert [r["label"] for r in records] == ["aux-nas/gcs", "shared/stl"]
+    assert "alpha/a2p/max" in records[0]["metrics"]["test"] and "alpha/a2p/max" not in records[1]["metrics"]["test"]
+    summary = report_alpha(tmp_path)
+    assert "aux-nas/gcs (1 seeds) | auxiliary->primary" in summary
+    with pytest.raises(SystemExit, match="no architecture choice"):
+        cli.main(["run", "toy", "--arch", "aux-nas", "--out", str(tmp_path)])

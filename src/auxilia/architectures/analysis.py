@@ -121,3 +121,49 @@ def plot_alpha(tables: Sequence[Sequence[Mapping[str, Any]]], path: str | Path, 
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
+
+
+def report_alpha(results: str | Path, out: str | Path | None = None, split: str = "test") -> str:
+    """From a ``results.jsonl`` (or its directory): per run label with learned α, the α statistics
+    per direction (mean ± std over seeds of each run's min, max, mean, median) as a Markdown table,
+    written to ``alpha.md`` with one heat map ``alpha_<label>.png`` per label (when matplotlib is
+    available). The α of the model selected on ``val`` is read from the ``split`` metrics."""
+    import json
+
+    import numpy as np
+
+    path = Path(results)
+    path = path / "results.jsonl" if path.is_dir() else path
+    out_dir = Path(out) if out is not None else path.parent
+    records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    by_label: dict[str, list[list[dict[str, Any]]]] = {}
+    for record in records:
+        metrics = record.get("metrics", {}).get(split, {})
+        primary = record.get("primary_metric_name", "").split("/")[1] if "/" in record.get("primary_metric_name", "") else ""
+        rows = rows_from_metrics(metrics, primary)
+        if rows:
+            by_label.setdefault(record.get("label") or record["method"], []).append(rows)
+    lines = ["| run | direction | connections | min | max | mean | median |", "|---|---|---|---|---|---|---|"]
+    for label, tables in by_label.items():
+        summaries = [alpha_summary(t) for t in tables]
+        for direction in (PRIMARY_TO_AUXILIARY, AUXILIARY_TO_PRIMARY):
+            stats = [s[direction] for s in summaries if direction in s]
+            if not stats:
+                continue
+            cells = [f"{np.mean([s[k] for s in stats]):.3g} ± {np.std([s[k] for s in stats]):.2g}"
+                     for k in ("min", "max", "mean", "median")]
+            lines.append(f"| {label} ({len(stats)} seeds) | {direction} | {int(stats[0]['count'])} | " + " | ".join(cells) + " |")
+        try:
+            plot_alpha(tables, out_dir / f"alpha_{label.replace('/', '_')}.png", title=f"{label}: α at the selected epoch, mean over {len(tables)} seeds")
+        except ImportError:
+            pass
+    table = "\n".join(lines)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "alpha.md").write_text(table + "\n")
+    return table
+
+
+if __name__ == "__main__":
+    import sys
+
+    print(report_alpha(sys.argv[1], sys.argv[2] if len(sys.argv) > 2 else None))
