@@ -143,3 +143,45 @@ def plot_weights(records: Iterable[dict[str, Any]], experiment: str, path: str |
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
+
+
+def plot_run_log(
+    log_csv: str | Path, prefixes: Sequence[str], path: str | Path, title: str = "", log_scale: Sequence[str] = ()
+) -> Path:
+    """Series of one run's ``log.csv`` over training, one panel per name prefix.
+
+    Each panel plots every logged ``<prefix>/<name>`` of the ``train`` split against the step, e.g.
+    ``("weights", "alpha")`` for AuxiNash's bargaining powers p and its bargaining solution α.
+    Prefixes in ``log_scale`` get a logarithmic y axis.
+    """
+    import csv
+
+    series: dict[str, dict[str, list[tuple[int, float]]]] = {prefix: {} for prefix in prefixes}
+    with Path(log_csv).open(newline="") as f:
+        for row in csv.DictReader(f):
+            if row["split"] != "train" or "/" not in row["name"]:
+                continue
+            prefix, name = row["name"].split("/", 1)
+            if prefix in series:
+                series[prefix].setdefault(name, []).append((int(row["step"]), float(row["value"])))
+    empty = [prefix for prefix, values in series.items() if not values]
+    if empty:
+        raise ValueError(f"{log_csv}: nothing logged under {empty[0]!r}/")
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, len(prefixes), figsize=(3.6 * len(prefixes), 2.8), squeeze=False)
+    for ax, prefix in zip(axes.flat, prefixes):
+        for name, points in series[prefix].items():
+            ax.plot([s for s, _ in points], [v for _, v in points], label=name, lw=1)
+        if prefix in log_scale:
+            ax.set_yscale("log")
+        ax.set_title(prefix, fontsize=9)
+        ax.set_xlabel("step", fontsize=8)
+        ax.tick_params(labelsize=7)
+        ax.legend(fontsize=7)
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
