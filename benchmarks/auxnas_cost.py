@@ -158,30 +158,35 @@ def training(size: int, batch: int, widths: tuple[int, ...], repeats: int) -> di
 
 
 def markdown(result: dict) -> str:
-    lines = ["# Aux-NAS cost: exported primary network vs single-task network", "",
-             f"Machine: {result['machine']}, torch {result['torch']}, {result['threads']} thread(s). "
-             f"Command: `{result['command']}`.", ""]
+    lines = ["# Aux-NAS cost: exported primary network vs single-task network", ""]
+    lines.append(f"Machine: {result['machine']}, torch {result['torch']}, {result['threads']} thread(s). "
+                 f"Command: `{result['command']}`.")
+    lines.append("")
     for inf in result["inference"]:
-        lines += [f"## Inference, {inf['backbone']} backbone ({inf['size']}x{inf['size']}, batch {inf['batch']}, "
-                  f"widths {inf['widths']}, {inf['repeats']} interleaved repeats)", "",
-                  "| network | parameters | parameter tensors | FLOPs | median latency (ms) |", "|---|---|---|---|---|"]
+        lines.append(f"## Inference, {inf['backbone']} backbone ({inf['size']}x{inf['size']}, batch {inf['batch']}, "
+                     f"widths {inf['widths']}, {inf['repeats']} interleaved repeats)")
+        lines += ["", "| network | parameters | parameter tensors | FLOPs | median latency (ms) |", "|---|---|---|---|---|"]
         for k in inf["parameters"]:
             lines.append(f"| {k} | {inf['parameters'][k]:,} | {inf['parameter_tensors'][k]} | {inf['flops'][k]:,} | "
                          f"{inf['latency_ms'][k]:.3f} |")
         r, q = inf["latency_ratio_vs_single"], inf["latency_ratio_vs_branch_layout"]
-        lines += ["", f"Two-branch network during training: {inf['two_branch_parameters']:,} parameters, "
-                      f"{inf['two_branch_flops']:,} FLOPs.", "",
-                  f"Latency ratio exported ÷ single-task: **{r['ratio']:.3f}** (halves of the repeats: "
-                  f"{r['half1']:.3f}, {r['half2']:.3f}); exported ÷ branch layout: {q['ratio']:.3f} "
-                  f"({q['half1']:.3f}, {q['half2']:.3f}).", ""]
+        lines += ["", (f"Two-branch network during training: {inf['two_branch_parameters']:,} parameters, "
+                       f"{inf['two_branch_flops']:,} FLOPs."), ""]
+        lines.append(f"Latency ratio exported ÷ single-task: **{r['ratio']:.3f}** (halves of the repeats: "
+                     f"{r['half1']:.3f}, {r['half2']:.3f}); exported ÷ branch layout: {q['ratio']:.3f} "
+                     f"({q['half1']:.3f}, {q['half2']:.3f}).")
+        lines.append("")
     tr = result["training"]
-    lines += [f"## Training step ({tr['size']}x{tr['size']}, batch {tr['batch']}, widths {tr['widths']}, "
-              f"{tr['repeats']} interleaved repeats)", "", "| step | median ms | ÷ single-task step |", "|---|---|---|"]
+    lines.append(f"## Training step ({tr['size']}x{tr['size']}, batch {tr['batch']}, widths {tr['widths']}, "
+                 f"{tr['repeats']} interleaved repeats)")
+    lines += ["", "| step | median ms | ÷ single-task step |", "|---|---|---|"]
     for k, v in tr["step_ms"].items():
         rr = tr["ratio_vs_single"].get(k)
         lines.append(f"| {k} | {v:.1f} | {rr['ratio']:.2f} |" if rr else f"| {k} | {v:.1f} | 1.00 |")
-    lines += ["", f"Aux-NAS alternates weight and α steps, so its mean step (equal) costs "
-                  f"{tr['alternating_mean_ratio']:.2f}x a single-task step.", ""]
+    lines.append("")
+    lines.append(f"Aux-NAS alternates weight and α steps, so its mean step (equal) costs "
+                 f"{tr['alternating_mean_ratio']:.2f}x a single-task step.")
+    lines.append("")
     return "\n".join(lines)
 
 

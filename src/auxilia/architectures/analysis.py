@@ -162,8 +162,3 @@ def report_alpha(results: str | Path, out: str | Path | None = None, split: str 
     (out_dir / "alpha.md").write_text(table + "\n")
     return table
 
-
-if __name__ == "__main__":
-    import sys
-
-    print(report_alpha(sys.argv[1], sys.argv[2] if len(sys.argv) > 2 else None))

@@ -81,7 +81,7 @@ class TokenDenseHead(nn.Module):
         self.head = head
 
     def forward(self, x: Tensor) -> Tensor:
-        b, n, c = x.shape
+        b, _, c = x.shape
         x = x.transpose(1, 2).reshape(b, c, self.grid, self.grid)
         x = F.interpolate(x, scale_factor=float(self.patch), mode="bilinear", align_corners=False)
         return self.head(x)

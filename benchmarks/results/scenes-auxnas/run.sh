@@ -1,0 +1,26 @@
+#!/bin/bash
+# Reduced CPU protocol of the scenes Aux-NAS comparison (see README.md). Usage: run.sh baselines|auxnas|token
+set -e
+cd "$(dirname "$0")/../../.."
+export OMP_NUM_THREADS=1
+OUT=benchmarks/results/scenes-auxnas
+[ "$1" = token ] && OUT=$OUT/token  # labels do not name the backbone: a separate table
+C=(--seeds 3 --epochs 12 --no-plots --out "$OUT"
+   --option size=32 --option train_size=320 --option 'auxiliaries=["normals"]' --option 'widths=[8,16,32]')
+A=(--option 'arch_options={"arch_lr":0.1}')
+case "$1" in
+  baselines)
+    auxilia run scenes --arch shared --method stl "${C[@]}"
+    auxilia run scenes --arch shared --method equal "${C[@]}"
+    auxilia run scenes --arch aux-g-stage --method equal "${C[@]}"
+    auxilia run scenes --arch aux-g-layer --method equal "${C[@]}" ;;
+  auxnas)
+    auxilia run scenes --arch aux-nas --method equal "${C[@]}" "${A[@]}"
+    auxilia run scenes --arch aux-nas --method gcs "${C[@]}" "${A[@]}"
+    auxilia run scenes --arch aux-nas --method pcgrad-aux "${C[@]}" "${A[@]}" ;;
+  token)
+    T=(--option backbone='"token"' --option 'widths=[32,32]')
+    auxilia run scenes --arch shared --method stl "${C[@]}" "${T[@]}"
+    auxilia run scenes --arch aux-nas --method equal "${C[@]}" "${T[@]}" "${A[@]}" ;;
+  *) echo "usage: $0 baselines|auxnas|token" >&2; exit 2 ;;
+esac
