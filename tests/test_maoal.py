@@ -411,3 +411,24 @@ def test_meta_step_works_through_attention_blocks():
                           heads=list(head.parameters()), learning_rate=0.01)
     grad, _ = method.meta_gradient(context)
     assert grad.shape == (1, 3) and bool(torch.isfinite(grad).all()) and float(grad.abs().sum()) > 0
+
+
+def test_the_three_module_maps_on_a_model():
+    model = Net()
+    shared, heads = model.shared_parameters(), model.task_parameters()
+    children = methods.create("maoal", NAMES, primary="main").attach_model(model)
+    assert children.w.shape == (2, 2) and children.module_of.tolist() == [0, 0, 1, 1]
+    mapped = methods.create("maoal", NAMES, primary="main", modules={"encoder": "all", "encoder.l2.0.bias": "bias"})
+    mapped.attach_model(model)
+    assert mapped.module_names == ["all", "bias"] and mapped.module_of.tolist() == [0, 0, 0, 1]
+    per_tensor = methods.create("maoal", NAMES, primary="main", modules="parameter")
+    per_tensor.backward(_losses(model), shared, heads)  # binds itself to the tensors of the first step
+    assert per_tensor.w.shape == (2, 4) and per_tensor.module_of.tolist() == [0, 1, 2, 3]
+    # Parameter-L with one weight switched off equals dropping that task's gradient on that tensor only
+    per_tensor.w[0, 3] = -1.0
+    model.zero_grad()
+    per_tensor.backward(_losses(model), shared, heads)
+    losses = _losses(model)
+    g = {n: torch.autograd.grad(losses[n], shared, retain_graph=True) for n in NAMES}
+    torch.testing.assert_close(shared[3].grad, g["main"][3] + g["y"][3])
+    torch.testing.assert_close(shared[2].grad, g["main"][2] + g["x"][2] + g["y"][2])
