@@ -444,7 +444,7 @@ def plot_module_weights(log_csvs: Sequence[str | Path], path: str | Path, stages
         ax.set_xticks(range(len(modules)), modules, rotation=30, ha="right", fontsize=8)
         ax.set_ylabel("s·relu(w)")
         ax.set_title(f"weight of {task!r} per module", fontsize=9)
-    axes.flat[0].legend(fontsize=7)
+    axes.flat[-1].legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     if title:
         fig.suptitle(title, fontsize=10)
     fig.tight_layout()
