@@ -246,6 +246,11 @@ class AuxNAS(nn.Module):
             for i, block in enumerate(branch):
                 if not isinstance(block, nn.Module):
                     raise TypeError(f"branch {task!r}: block {i} is a {type(block).__name__}, not an nn.Module")
+        owner: dict[int, str] = {}
+        for task, branch in blocks.items():
+            for p in (p for block in branch for p in block.parameters()):
+                if owner.setdefault(id(p), task) != task:
+                    raise ValueError(f"branches {owner[id(p)]!r} and {task!r} share parameters: give each branch its own blocks")
         if stages is None:
             stage_lengths = [1] * depth
         else:
