@@ -64,7 +64,10 @@ def cvxpy_solve(M: np.ndarray, p: np.ndarray):
     L = np.linalg.cholesky(M + 1e-12 * np.trace(M) / K * np.eye(K))  # ½‖Lᵀα‖², a DCP-friendly form
     alpha = cp.Variable(K, pos=True)
     problem = cp.Problem(cp.Minimize(0.5 * cp.sum_squares(L.T @ alpha) - p @ cp.log(alpha)))
-    problem.solve()
+    try:
+        problem.solve()
+    except cp.error.SolverError:  # counted as a failure by the caller
+        return np.full(K, np.nan)
     return np.asarray(alpha.value, dtype=float) if alpha.value is not None else np.full(K, np.nan)
 
 
