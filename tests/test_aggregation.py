@@ -501,7 +501,8 @@ def test_mgda_and_cagrad_on_float32_gradients_are_optimal_to_float32_precision(c
     cagrad = create("cagrad", G.shape[0])
     cagrad.aggregate(G)
     gap, outside, _ = cagrad_certificate(G, cagrad)
-    assert gap <= 1e-4 and outside <= 1e-6
+    # float32 Gram entries carry a relative error of about P·2⁻²⁴; near-cancelling rows leave ~1e-6
+    assert gap <= 1e-4 and outside <= 1e-5
 
 
 @settings(max_examples=40, deadline=None)

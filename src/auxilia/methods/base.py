@@ -12,6 +12,7 @@ A failing step (non-finite loss or gradient) raises before any ``.grad`` or stat
 
 from __future__ import annotations
 
+import abc
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -40,7 +41,7 @@ class MetaContext:
     learning_rate: float
 
 
-class Method(nn.Module):
+class Method(nn.Module, metaclass=abc.ABCMeta):
     """Base of every method: the tasks, the primary first, and the step counter."""
 
     name: str = "method"
@@ -88,7 +89,11 @@ class Method(nn.Module):
         task_parameters: Iterable[Tensor] | None,
         representation: Tensor | None,
     ) -> dict[str, Any]:
-        raise NotImplementedError
+        """Write ``.grad`` from the ordered losses; the public :meth:`backward` validates and restores.
+
+        Subclasses implement this, or override :meth:`backward` itself when they take losses in
+        another form (e.g. unreduced)."""
+        raise TypeError(f"{type(self).__name__} implements neither backward nor _backward")
 
     @property
     def needs_representation(self) -> bool:
@@ -101,7 +106,7 @@ class Method(nn.Module):
 
     def meta_step(self, context: MetaContext) -> dict[str, Any]:
         """Update the method's own meta-parameters to lower the primary loss on held-out data."""
-        raise NotImplementedError(f"{self.name} has no meta step")
+        raise TypeError(f"{self.name} has no meta step (its meta_due() is always false)")
 
     def weights(self) -> dict[str, float] | None:
         """The task weights (or preferences) in use, by task name; ``None`` if the method has none."""
@@ -124,13 +129,13 @@ class Method(nn.Module):
 class LossWeighting(Method):
     """A method that only rescales losses: one backward of ``combine(losses)``."""
 
+    @abc.abstractmethod
     def combine(self, losses: Tensor) -> Tensor:
         """Map the (K,) loss vector (task order, primary first) to the scalar training objective."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def task_weights(self) -> Tensor:
         """The (K,) weights currently applied to the losses."""
-        raise NotImplementedError
 
     def weights(self) -> dict[str, float]:
         return self._as_dict(self.task_weights())
@@ -184,9 +189,9 @@ class GradientAggregation(Method):
         self.last_weights = coefficients.detach().to(self.last_weights)
         return coefficients.to(G.dtype) @ G
 
+    @abc.abstractmethod
     def _coefficients(self, G: Tensor) -> Tensor:
         """The (K,) combination coefficients c with direction = cᵀ G."""
-        raise NotImplementedError
 
     def weights(self) -> dict[str, float]:
         return self._as_dict(self.last_weights)
