@@ -186,7 +186,22 @@ def markdown(result: dict) -> str:
     lines.append("")
     lines.append(f"Aux-NAS alternates weight and α steps, so its mean step (equal) costs "
                  f"{tr['alternating_mean_ratio']:.2f}x a single-task step.")
-    lines.append("")
+    lines += ["", "## Notes", "",
+              ("- *single-task* is `nn.Sequential(*blocks, head)`, the network one would write without Aux-NAS; "
+              "*branch layout* is the same network as a `SingleTaskNetwork` (what `export_primary` returns, "
+              "before training)."),
+              ("- The conv blocks end in BN-ReLU, which the fusion takes over, so the exported conv network is "
+              "the single-task network operation for operation. The token blocks end in a residual sum: fused "
+              "layers carry an identity-initialised scale and shift (2 tensors of width C per fused layer, "
+              "here 3 layers: +6 tensors, +384 numbers)."),
+              ("- `FlopCounterMode` counts matrix products and convolutions only; the affine's 2·N·C "
+              "element-wise operations per fused layer are not in the FLOP column."),
+              ("- Latencies were taken on a shared 2-core machine under load from other jobs; the ratio's "
+              "halves show the noise of a few percent. The models are timed round-robin, so drift hits all alike."),
+              ("- Training on CPU costs more than the paper's \"about twice a single task\": two branches, "
+              "plus, in every fused layer, up to `window + 1` = 4 sources projected and bilinearly resized at "
+              "full resolution (in a profile of the conv model, resizes and 1x1 convolutions with their "
+              "backward passes take about half of the step)."), ""]
     return "\n".join(lines)
 
 
@@ -197,12 +212,17 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--repeats", type=int, default=200)
     parser.add_argument("--train-repeats", type=int, default=20)
+    parser.add_argument("--from-json", help="only rewrite the Markdown of a previous run's JSON")
     args = parser.parse_args()
+    if args.from_json:
+        result = json.loads(Path(args.from_json).read_text())
+        Path(args.from_json).with_suffix(".md").write_text(markdown(result))
+        return
     result = {
         "machine": f"CPU ({platform.machine()}), 2 cores shared", "torch": torch.__version__,
         "threads": torch.get_num_threads(),
         "command": "OMP_NUM_THREADS=1 python benchmarks/auxnas_cost.py " + " ".join(
-            f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items()),
+            f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if k != "from_json"),
         "inference": [inference("conv", args.size, args.batch, (16, 32, 64), args.repeats),
                       inference("token", args.size, args.batch, (32, 64), args.repeats)],
         "training": training(args.size, args.batch, (16, 32, 64), args.train_repeats),

@@ -3,11 +3,12 @@
 set -e
 cd "$(dirname "$0")/../../.."
 export OMP_NUM_THREADS=1
+[ -f .venv/bin/activate ] && . .venv/bin/activate
 OUT=benchmarks/results/scenes-auxnas
 [ "$1" = token ] && OUT=$OUT/token  # labels do not name the backbone: a separate table
-C=(--seeds 3 --epochs 12 --no-plots --out "$OUT"
-   --option size=32 --option train_size=320 --option 'auxiliaries=["normals"]' --option 'widths=[8,16,32]')
-A=(--option 'arch_options={"arch_lr":0.1}')
+C=(--seeds 3 --epochs 10 --no-plots --out "$OUT"
+   --option size=32 --option train_size=256 --option 'auxiliaries=["normals"]' --option 'widths=[8,16,32]')
+A=(--option 'arch_options={"arch_lr":0.3}')
 case "$1" in
   baselines)
     auxilia run scenes --arch shared --method stl "${C[@]}"
