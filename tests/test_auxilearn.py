@@ -391,3 +391,16 @@ def test_toy_run_down_weights_the_harmful_task(tmp_path):
     weights = record["weights"]
     assert weights["harmful"] < 0.5 * weights["helpful"]
     assert weights["harmful"] < 1.0 < weights["helpful"]  # both started at 1
+
+
+def test_many_aux_attributes_are_noisy_class_values_then_coins():
+    from auxilia.experiments.many_aux import attributes
+
+    labels = torch.arange(10).repeat(2000)
+    values = attributes(labels, informative=6, noise=4, flip=0.2, generator=torch.Generator().manual_seed(1))
+    assert values.shape == (20_000, 10) and set(values.unique().tolist()) <= {0, 1}
+    table = attributes(torch.arange(10), 6, 0, 0.0, torch.Generator().manual_seed(2))  # the class values
+    agree = (values[:, :6] == table[labels]).float().mean()
+    assert 0.77 < float(agree) < 0.83  # each value flipped with probability 0.2
+    per_class_rate = torch.stack([values[labels == c, 6:].float().mean(0) for c in range(10)])
+    assert float((per_class_rate - 0.5).abs().max()) < 0.05  # coins do not depend on the class
