@@ -213,7 +213,7 @@ def test_meta_gradient_equals_finite_differences_of_the_unrolled_look_back(look_
             fd[i, j] = (problem.unrolled(up, s, eta, look_back) - problem.unrolled(down, s, eta, look_back)) / (2 * h)
     torch.testing.assert_close(grad, fd, rtol=1e-7, atol=1e-10)
     assert fd[1, 1] == 0 and float(fd.abs().sum()) > 0.1
-    assert info["backward_calls"] == 3 + look_back + 1  # K per-task graphs, g_V, M_lb - 1 HVPs, mixed
+    assert info["backward_calls"] == 3 + look_back  # K per-task graphs, g_V, M_lb - 1 HVPs
 
 
 def test_meta_gradient_on_a_nonlinear_model_matches_dense_matrices():
@@ -317,7 +317,7 @@ def test_backward_calls_per_step():
     finally:
         torch.autograd.grad = original
     assert ordinary == 3  # K
-    assert meta == 3 + 3 + 1  # K graph-building, g_V, M_lb - 1 HVPs, mixed
+    assert meta == 3 + 3  # K graph-building, g_V, M_lb - 1 HVPs (the mixed product is closed-form)
 
 
 # ---------------------------------------------------------------------- with the Trainer
@@ -432,3 +432,25 @@ def test_the_three_module_maps_on_a_model():
     g = {n: torch.autograd.grad(losses[n], shared, retain_graph=True) for n in NAMES}
     torch.testing.assert_close(shared[3].grad, g["main"][3] + g["y"][3])
     torch.testing.assert_close(shared[2].grad, g["main"][2] + g["x"][2] + g["y"][2])
+
+
+def test_closed_form_mixed_product_equals_the_shared_hypergradient():
+    from auxilia.hypergrad import hypergradient
+
+    model = Net()
+    eta, M = 0.05, 3
+    method = methods.create("maoal", NAMES, primary="main", scale=1.3, look_back=M).attach_model(model)
+    method.w.copy_(torch.tensor([[1.5, -0.3], [0.7, 2.0]], dtype=D))
+    grad, _ = method.meta_gradient(_context(model, eta))
+    params = model.shared_parameters() + model.task_parameters()
+    w = method.w.clone().requires_grad_(True)
+    coef = torch.cat([torch.ones(1, 2, dtype=D), 1.3 * torch.relu(w)])
+    losses = _losses(model, 2)
+    per_task = {n: torch.autograd.grad(losses[n], params, create_graph=True, allow_unused=True) for n in NAMES}
+    direction = []
+    for j, p in enumerate(params):
+        parts = [(k, per_task[n][j]) for k, n in enumerate(NAMES) if per_task[n][j] is not None]
+        direction.append(sum((coef[k, 0 if j < 2 else 1] if j < 4 else 1.0) * g for k, g in parts))
+    reference = hypergradient(None, _losses(model, 3)["main"], params, [w], terms=M - 1, step_size=eta,
+                              scale_by_step=True, train_grads=direction)
+    torch.testing.assert_close(grad, reference[0], rtol=1e-10, atol=1e-13)

@@ -13,9 +13,13 @@ lower steps of size η (the model's learning rate),
 
     dL_V/dw ≈ −η g_Vᵀ Σ_{τ < M_lb} (I − η H)^τ ∂g/∂w,
 
-which is :func:`auxilia.hypergrad.hypergradient` with ``terms = M_lb − 1``, ``scale_by_step=True``
-and the module-weighted direction g passed as ``train_grads`` (it is not the gradient of one
-scalar). Only this meta step builds a second-order graph. The upper optimizer (Adam or SGD with
+i.e. the shared :func:`auxilia.hypergrad.hypergradient` with ``terms = M_lb − 1``,
+``scale_by_step=True`` and the module-weighted direction g as ``train_grads`` (it is not the
+gradient of one scalar). The vector v = η Σ_τ (I − ηH)^τ g_V comes from the shared
+:func:`auxilia.hypergrad.neumann_vector`; the mixed derivative needs no backward pass, since
+∂g_j/∂w_{k,m(j)} = s·1[w > 0]·∂ℓ_k/∂θ_j is already at hand: the meta step makes K + M_lb autograd
+calls (K graph-building per-task gradients, g_V, M_lb − 1 Hessian-vector products), one fewer
+than the generic routine. Only this meta step builds a second-order graph. The upper optimizer (Adam or SGD with
 momentum) is written out here so that its state lives in buffers: w and the optimizer state travel
 in ``state_dict`` and load with ``torch.load(weights_only=True)``. w is a buffer, not a parameter,
 so the model's optimizer never trains it.
@@ -46,7 +50,7 @@ from torch import Tensor, nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from ..gradients import as_parameter_list, jacobian, other_parameters, write_gradient
-from ..hypergrad import hypergradient
+from ..hypergrad import neumann_vector
 from ..tasks import NonFiniteLossError, Task
 from .base import MetaContext, Method
 from .registry import register
@@ -299,24 +303,21 @@ class MAOAL(Method):
         heads = list(context.heads) or other_parameters(train, shared)
         params = [*shared, *heads]
         active = [p for p in params if p.requires_grad]
-        w = self.w.detach().clone().requires_grad_(True)
-        C = torch.cat([torch.ones(1, self.num_modules, dtype=w.dtype, device=w.device), self.scale * torch.relu(w)])
+        index = {id(p): i for i, p in enumerate(active)}
+        C = self.coefficients().detach()
         per_task = [torch.autograd.grad(loss, active, create_graph=True, allow_unused=True) for loss in train]
-        by_id = {id(p): i for i, p in enumerate(active)}
         modules = self.module_of.tolist()
+        # the lower-step direction g(θ) with the graph kept for Hessian-vector products
         train_grads: list[Tensor | None] = []
         for j, p in enumerate(params):
-            if id(p) not in by_id:
-                train_grads.append(None)
-                continue
-            i = by_id[id(p)]
-            terms = [(k, g[i]) for k, g in enumerate(per_task) if g[i] is not None]
-            if not terms:
+            pieces = [(k, g[index[id(p)]]) for k, g in enumerate(per_task)] if id(p) in index else []
+            pieces = [(k, g) for k, g in pieces if g is not None]
+            if not pieces:
                 train_grads.append(None)
             elif j < len(shared):
-                train_grads.append(sum(C[k, modules[j]].to(g.dtype) * g for k, g in terms))
+                train_grads.append(sum(C[k, modules[j]].to(g.dtype) * g for k, g in pieces))
             else:
-                train_grads.append(sum(g for _, g in terms))
+                train_grads.append(sum(g for _, g in pieces))
         if self.meta_source == "aux":
             if context.aux_batch is None:
                 raise ValueError(f"{self.name}: meta_source='aux' needs an 'aux' split; give one or use meta_source='train'")
@@ -324,12 +325,20 @@ class MAOAL(Method):
         else:
             val_batch = context.train_batch()
         val_loss = self.tasks.ordered(context.losses(val_batch))[0]
-        result = hypergradient(
-            None, val_loss, params, [w], terms=self.look_back - 1, step_size=context.learning_rate,
-            scale_by_step=True, train_grads=train_grads,
-        )
-        grad = result[0]
-        info = {"val_loss": float(val_loss.detach()), "backward_calls": float(len(train) + result.backward_calls)}
+        found = torch.autograd.grad(val_loss, active, allow_unused=True)
+        g_val = [torch.zeros_like(p) if id(p) not in index or found[index[id(p)]] is None else found[index[id(p)]] for p in params]
+        v, hvps = neumann_vector(train_grads, params, g_val, self.look_back - 1, context.learning_rate, scale_by_step=True)
+        # the mixed derivative in closed form: ∂g_j/∂w_{k,m(j)} = s·1[w > 0]·∂ℓ_k/∂θ_j, so
+        # ∂(gᵀv)/∂w_{k,m} = s·1[w_{k,m} > 0]·Σ_{j in m} ∂ℓ_k/∂θ_jᵀ v_j (no further backward pass)
+        mixed = torch.zeros(self.num_tasks, self.num_modules, dtype=torch.float64, device=self.w.device)
+        for j, p in enumerate(shared):
+            if id(p) not in index:
+                continue
+            for k, g in enumerate(per_task):
+                if k > 0 and g[index[id(p)]] is not None:
+                    mixed[k, modules[j]] += (g[index[id(p)]].detach().double() * v[j].double()).sum()
+        grad = -(self.scale * (self.w > 0).double() * mixed[1:]).to(self.w.dtype)
+        info = {"val_loss": float(val_loss.detach()), "backward_calls": float(len(train) + 1 + hvps)}
         return grad, info
 
     def _upper_step(self, grad: Tensor) -> None:
