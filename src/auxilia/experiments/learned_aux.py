@@ -10,7 +10,9 @@ of the same shape, not learned".
 
 Splits as in the other CIFAR-10 experiments: 45,000 train / 1,000 aux / 4,000 val from CIFAR-10's
 training set (seed 0), test = CIFAR-10's test set; ``train_size`` keeps the first images of the
-training split (the low-data regime where an auxiliary task matters most, and CPU runs).
+training split (the low-data regime where an auxiliary task matters most, and CPU runs) and
+``eval_size`` the first images of the (randomly ordered) validation split; the test set is always
+all of CIFAR-10's test images.
 SGD lr 0.05 momentum 0.9 weight decay 5e-4, cosine decay, batch 128, 50 epochs at budget 1;
 AuxiLearn with its official settings except a meta step every 20 steps.
 """
@@ -38,7 +40,11 @@ def build(
     psi: int = 5, backbone: str = "convnet", train_size: int | None = None, eval_size: int | None = None,
     meta_every: int = 20,
 ) -> Setup:
-    x, y, x_test, y_test, splits = _splits(data_dir, train_size, eval_size)
+    x, y, x_test, y_test, splits = _splits(data_dir, train_size)
+    if eval_size is not None:  # fewer validation images per epoch; the test set is always complete
+        if eval_size < 1:
+            raise ValueError(f"eval_size must be a positive number of images, got {eval_size}")
+        splits["val"] = splits["val"][:eval_size]
 
     def dataset(images, labels):
         return TaskDataset(images, {"label": labels, "learned": labels})  # the generator's mask is the class
