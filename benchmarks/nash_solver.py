@@ -92,18 +92,18 @@ def run(Ks, instances: int, repeats: int, use_cvxpy: bool, seed: int = 0) -> lis
                 M = M / np.linalg.norm(M)  # as the methods solve it (Frobenius normalization)
                 p = rng.uniform(0.2, 2.0, K)
                 p = p * K / p.sum()
-                t, solution = _timed(lambda: nash_bargaining(M, p), repeats)
+                t, solution = _timed(lambda M=M, p=p: nash_bargaining(M, p), repeats)
                 cold_t.append(t)
                 cold_r.append(residual(M, p, solution.alpha))
                 iters.append(solution.iterations)
                 G2 = G + 0.05 * np.linalg.norm(G, axis=1, keepdims=True) / np.sqrt(G.shape[1]) * rng.standard_normal(G.shape)
                 M2 = G2 @ G2.T
                 M2 = M2 / np.linalg.norm(M2)
-                t, warm = _timed(lambda: nash_bargaining(M2, p, warm_start=solution.alpha), repeats)
+                t, warm = _timed(lambda M2=M2, p=p, a=solution.alpha: nash_bargaining(M2, p, warm_start=a), repeats)
                 warm_t.append(t)
                 warm_r.append(residual(M2, p, warm.alpha))
                 if use_cvxpy:
-                    t, alpha = _timed(lambda: cvxpy_solve(M, p), 1)
+                    t, alpha = _timed(lambda M=M, p=p: cvxpy_solve(M, p), 1)
                     ref_t.append(t)
                     if np.all(np.isfinite(alpha)) and np.all(alpha > 0):
                         ref_r.append(residual(M, p, alpha))

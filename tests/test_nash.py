@@ -172,7 +172,7 @@ def test_bad_hyperparameters():
 
 
 # ---------------------------------------------------------------- the solver
-from auxilia.solvers import nash_bargaining, nash_sensitivity  # noqa: E402
+from auxilia.solvers import nash_bargaining, nash_sensitivity
 
 
 def _gram_family(kind, K, seed, scale=1.0):

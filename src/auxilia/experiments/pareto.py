@@ -167,4 +167,4 @@ def report_sweep(out: str | Path, experiment: str, plots: bool = True) -> str:
     return table
 
 
-__all__ = ["front_points", "format_sweep", "plot_fronts", "preference_grid", "report_sweep", "run_sweep", "sweep_records", "sweep_runs"]
+__all__ = ["format_sweep", "front_points", "plot_fronts", "preference_grid", "report_sweep", "run_sweep", "sweep_records", "sweep_runs"]
