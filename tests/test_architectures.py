@@ -22,6 +22,7 @@ from auxilia.architectures import (
     plan_connections,
     rows_from_metrics,
 )
+from auxilia.architectures.auxnas import penalty_schedule
 from auxilia.training import TaskDataset, Trainer, TrainerConfig
 
 
@@ -127,6 +128,9 @@ def test_penalty_schedules():
     paper = PenaltySchedule.paper()
     assert [paper(p) for p in (0.0, 0.25, 1.0)] == pytest.approx([0, 25, 100])
     assert PenaltySchedule.constant(3.0)(0.0) == 3.0
+    assert penalty_schedule({"peak": 10, "start": 0.1, "end": 0.3}) == PenaltySchedule(10.0, 0.1, 0.3)
+    with pytest.raises(ValueError, match="no field"):
+        penalty_schedule({"peak": 10, "begin": 0.1})
 
 
 # ---------------------------------------------------------------- initialisation and fusion

@@ -93,7 +93,7 @@ class PenaltySchedule:
         return self.peak * (progress - self.start) / (self.end - self.start)
 
 
-def penalty_schedule(value: str | float | PenaltySchedule) -> PenaltySchedule:
+def penalty_schedule(value: str | float | Mapping[str, float] | PenaltySchedule) -> PenaltySchedule:
     if isinstance(value, PenaltySchedule):
         return value
     if isinstance(value, str):
@@ -103,7 +103,12 @@ def penalty_schedule(value: str | float | PenaltySchedule) -> PenaltySchedule:
         return presets[value]()
     if isinstance(value, (int, float)):
         return PenaltySchedule.constant(float(value))
-    raise TypeError(f"penalty must be a name, a number or a PenaltySchedule, got {type(value).__name__}")
+    if isinstance(value, Mapping):  # e.g. from a JSON option: {"peak": 1000, "start": 0.1, "end": 0.4}
+        unknown = sorted(set(value) - {"peak", "start", "end"})
+        if unknown:
+            raise ValueError(f"penalty schedule has no field {unknown[0]!r}; fields are peak, start, end")
+        return PenaltySchedule(**{k: float(v) for k, v in value.items()})
+    raise TypeError(f"penalty must be a name, a number, a mapping or a PenaltySchedule, got {type(value).__name__}")
 
 
 def plan_connections(
@@ -199,7 +204,7 @@ class AuxNAS(nn.Module):
         fusion_norm: Literal["auto", "split", "affine"] = "auto",
         channels: Mapping[str, Sequence[int]] | None = None,
         init_alpha: float = 0.5,
-        penalty: str | float | PenaltySchedule = "official",
+        penalty: str | float | Mapping[str, float] | PenaltySchedule = "official",
         arch_lr: float = 1e-2,
         arch_betas: tuple[float, float] = (0.9, 0.999),
         architecture_loss: Literal["sum", "primary"] = "sum",
