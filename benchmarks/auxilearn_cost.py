@@ -149,15 +149,15 @@ def write(rows: list[dict], out: Path, repeats: int) -> None:
     lines = [
         "# AuxiLearn meta-step cost (CPU)",
         "",
-        f"`python benchmarks/auxilearn_cost.py` — torch {meta['torch']}, {meta['machine']}, "
-        f"{meta['threads']} thread(s), median of {repeats} round-robin repeats after warm-up. Official settings: "
-        "3 Neumann terms, meta step every N = 50 steps. Machine: CPU, 2 cores shared with other jobs "
-        "(absolute times drift; the round-robin ratios are what to read).",
+        (f"`python benchmarks/auxilearn_cost.py` — torch {meta['torch']}, {meta['machine']}, "
+         f"{meta['threads']} thread(s), median of {repeats} round-robin repeats after warm-up. Official settings: "
+         "3 Neumann terms, meta step every N = 50 steps. Machine: CPU, 2 cores shared with other jobs "
+         "(absolute times drift; the round-robin ratios are what to read)."),
         "",
-        "A meta step is two forwards (a `train` and an `aux` batch), one backward for ∂L_V/∂W, one "
-        "graph-building backward for ∂L_T/∂W, 3 Hessian-vector products and one mixed product: about "
-        "4 + 2.8·3 ≈ 12 backward-equivalents, against about 1.5–2 for an ordinary step (forward, backward, "
-        "optimizer step).",
+        ("A meta step is two forwards (a `train` and an `aux` batch), one backward for ∂L_V/∂W, one "
+         "graph-building backward for ∂L_T/∂W, 3 Hessian-vector products and one mixed product: about "
+         "4 + 2.8·3 ≈ 12 backward-equivalents, against about 1.5–2 for an ordinary step (forward, backward, "
+         "optimizer step)."),
         "",
         "| model | K | combiner | ordinary step (ms) | meta step (ms) | meta step ÷ ordinary step | overhead at N = 50 | smallest N under 10% |",
         "|---|---|---|---|---|---|---|---|",

@@ -126,7 +126,7 @@ def test_meta_gradient_matches_finite_differences_through_one_sgd_step(combiner)
 
 
 def test_meta_step_is_torch_sgd_with_momentum_weight_decay_and_clipping(monkeypatch):
-    model, method, context, _, _ = _setup("nonlinear", meta_lr=0.05, meta_max_norm=0.01, meta_weight_decay=0.1)
+    _, method, context, _, _ = _setup("nonlinear", meta_lr=0.05, meta_max_norm=0.01, meta_weight_decay=0.1)
     reference = [p.detach().clone().requires_grad_(True) for p in method.meta_parameters()]
     optimizer = torch.optim.SGD(reference, lr=0.05, momentum=0.9, weight_decay=0.1)
     recorded = []
@@ -156,7 +156,7 @@ def test_meta_step_is_torch_sgd_with_momentum_weight_decay_and_clipping(monkeypa
 
 @pytest.mark.parametrize("combiner", ["linear", "nonlinear", "conv"])
 def test_weights_stay_nonnegative_and_combiner_monotone_after_every_meta_step(combiner):
-    model, method, context, _, _ = _setup(combiner, meta_lr=5.0, meta_max_norm=100.0)
+    _, method, context, _, _ = _setup(combiner, meta_lr=5.0, meta_max_norm=100.0)
     for _ in range(4):
         method.meta_step(context)
         for weight in method.combiner.constrained():
@@ -353,7 +353,7 @@ def test_bad_input_errors_name_the_task_and_touch_nothing():
 
 
 def test_failed_meta_step_leaves_everything_as_it_was():
-    model, method, context, _, _ = _setup("linear")
+    _, method, context, _, _ = _setup("linear")
     method.meta_step(context)
     before = {k: v.clone() for k, v in method.state_dict().items()}
 

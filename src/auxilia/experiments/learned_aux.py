@@ -24,7 +24,12 @@ from pathlib import Path
 
 import torch
 
-from ..methods.label_generator import LabelGenerator, LearnedAuxiliaryModel, learned_label_task, small_cnn
+from ..methods.label_generator import (
+    LabelGenerator,
+    LearnedAuxiliaryModel,
+    learned_label_task,
+    small_cnn,
+)
 from ..models import Normalize
 from ..tasks import Task
 from ..training.data import TaskDataset
