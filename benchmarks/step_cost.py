@@ -199,12 +199,12 @@ def main() -> None:
         "threads": torch.get_num_threads(), "device": "cpu",
     }
     if args.merge and out.with_suffix(".json").exists():
-        timed = {r["method"].split(" ")[0].removesuffix(META) for r in rows} - {"equal"}
-        timed = {t for t in timed if not t.startswith("grads:")}
-        kept = [r for r in json.loads(out.with_suffix(".json").read_text())["rows"]
-                if r["method"].split(" ")[0].removesuffix(META) not in timed]
-        new = [r for r in rows if r["method"].split(" ")[0].removesuffix(META) in timed]
-        rows = kept + [{**r, "merged": True} for r in new]
+        def base(r):
+            return r["model"], r["method"].split(" ")[0].removesuffix(META)
+
+        timed = {base(r) for r in rows if base(r)[1] != "equal" and not base(r)[1].startswith("grads:")}
+        kept = [r for r in json.loads(out.with_suffix(".json").read_text())["rows"] if base(r) not in timed]
+        rows = kept + [{**r, "merged": True} for r in rows if base(r) in timed]
     out.with_suffix(".json").write_text(json.dumps({"machine": machine, "rows": rows}, indent=1))
     out.with_suffix(".md").write_text(render(rows, machine, args))
     print(out.with_suffix(".md").read_text())
@@ -230,8 +230,8 @@ def render(rows, machine, args) -> str:
     if any(r.get("merged") for r in rows):
         lines += ["Rows marked * were timed in a later run, `python benchmarks/step_cost.py --methods "
                   + " ".join(sorted({r["method"].split(" ")[0].removesuffix(META) for r in rows if r.get("merged")}))
-                  + f" --repeats {args.repeats} --merge`; their ratios are to that run's own `equal`.", ""]
-    for model_name in args.models:
+                  + f" --repeats {args.repeats} --merge` (per model); their ratios are to that run's own `equal`.", ""]
+    for model_name in dict.fromkeys(r["model"] for r in rows):
         lines += [f"## {model_name}", "", "| method | mode | " + " | ".join(f"K={K} ÷ equal | K={K} ÷ grads" for K in args.tasks) + " | G bytes (K=max) |",
                   "|---|---|" + "---|---|" * len(args.tasks) + "---|"]
         keys = list(dict.fromkeys((r["method"], r["mode"]) for r in rows if r["model"] == model_name))
