@@ -28,7 +28,11 @@ case "$1" in
     C+=(--epochs 20)
     auxilia run scenes --arch shared --method stl "${C[@]}"
     auxilia run scenes --arch aux-g-layer --method equal "${C[@]}"
-    auxilia run scenes --arch aux-nas --method equal "${C[@]}" "${A[@]}" ;;
+    auxilia run scenes --arch aux-nas --method equal "${C[@]}" "${A[@]}"
+    auxilia run scenes --arch shared --method equal "${C[@]}"
+    auxilia run scenes --arch aux-g-stage --method equal "${C[@]}"
+    auxilia run scenes --arch aux-nas --method gcs "${C[@]}" "${A[@]}"
+    auxilia run scenes --arch aux-nas --method pcgrad-aux "${C[@]}" "${A[@]}" ;;
   token)
     T=(--option backbone='"token"' --option 'widths=[32,32]')
     auxilia run scenes --arch shared --method stl "${C[@]}" "${T[@]}"
