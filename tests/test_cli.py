@@ -89,6 +89,17 @@ def test_cifar_experiments_run_end_to_end(tmp_path, experiment, options, monkeyp
     assert 0.0 <= record["primary_metric"] <= 1.0
 
 
+@pytest.mark.skipif(not DATA.is_dir(), reason=f"datasets not found at {DATA}")
+def test_cifar_eval_size_keeps_every_class_of_the_sorted_test_files(tmp_path, monkeypatch):
+    monkeypatch.setenv("AUXILIA_CACHE", str(tmp_path.parent / "auxilia-cache"))
+    from auxilia.experiments import get
+
+    setup = get("cifar10-rotation").setup(0, DATA, train_size=64, eval_size=200)
+    for split in ("val", "test"):
+        labels = setup.datasets[split].targets["label"]
+        assert len(labels) == 200 and len(labels.unique()) == 10, split
+
+
 def test_scenes_runs_end_to_end_with_its_options(tmp_path):
     out = tmp_path / "results"
     assert main(["run", "scenes", "--method", "stl", "--method", "pcgrad-aux", "--seeds", "1", "--max-steps", "2",

@@ -46,8 +46,10 @@ def _splits(data_dir, train_size: int | None, eval_size: int | None = None):
     if train_size is not None:
         splits["train"] = splits["train"][:train_size]
     if eval_size is not None:  # smoke runs only: the protocol evaluates on all of val and test
-        splits["val"] = splits["val"][:eval_size]
-        x_test, y_test = x_test[:eval_size], y_test[:eval_size]
+        splits["val"] = splits["val"][:eval_size]  # already in random order
+        # the test files are sorted by class: keep a random subset (the same for every run)
+        keep = torch.randperm(len(x_test), generator=torch.Generator().manual_seed(0))[:eval_size]
+        x_test, y_test = x_test[keep], y_test[keep]
     return x, y, x_test, y_test, splits
 
 
