@@ -100,6 +100,12 @@ class Method(nn.Module, metaclass=abc.ABCMeta):
         """Whether ``backward`` needs the shared encoder's output (``representation=``)."""
         return False
 
+    @property
+    def loss_reduction(self) -> str:
+        """How ``backward`` wants each task's loss: ``"mean"`` (a scalar), ``"sample"`` (B,) or
+        ``"none"`` (the loss's own per-pixel shape); see :meth:`Task.compute_loss`."""
+        return "mean"
+
     def meta_due(self) -> bool:
         """Whether a meta step should follow the optimizer step just taken."""
         return False

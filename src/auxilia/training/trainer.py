@@ -181,8 +181,7 @@ class Trainer:
         if missing:
             raise KeyError(f"the model produced no output for task {missing[0]!r}; it returned {sorted(outputs)}")
         losses = {}
-        # a method that combines per-sample or per-pixel losses declares loss_reduction ("sample"/"none")
-        reduction = getattr(self.method, "loss_reduction", "mean")
+        reduction = self.method.loss_reduction  # per-sample or per-pixel for combiners that need them
         for task in self.tasks:
             if task.name not in targets:
                 raise KeyError(f"the batch has no targets for task {task.name!r}")
