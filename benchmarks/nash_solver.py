@@ -136,11 +136,11 @@ def render(rows, machine, args, use_cvxpy: bool) -> str:
         + (f", cvxpy {machine['cvxpy']} (default solver {machine['cvxpy_solver']})" if use_cvxpy else "") + ".",
         f"Command: `python benchmarks/nash_solver.py --instances {args.instances} --repeats {args.repeats}`.",
         "",
-        "Problem: min ½αᵀMα − Σ p_k log α_k on the Frobenius-normalized Gram matrix of generated gradients "
+        ("Problem: min ½αᵀMα − Σ p_k log α_k on the Frobenius-normalized Gram matrix of generated gradients "
         "(families in the script's `gradients`), p random with Σp = K. Residual: max_k |α_k(Mα)_k − p_k| / p_k. "
         "Our times are the median over instances of the median of the repeats; `cold`: no warm start; "
         "`warm`: started from the solution of a 5%-perturbed G (the training situation). cvxpy: one solve "
-        "per instance, including its problem construction (as a per-step call would).",
+        "per instance, including its problem construction (as a per-step call would)."),
         "",
     ]
     header = ["K", "family", "ours cold ms (p95)", "ours warm ms (p95)", "Newton its (max)", "ours max residual"]

@@ -214,17 +214,17 @@ def render(rows, machine, args) -> str:
     lines = [
         "# Step cost as a ratio to `equal`",
         "",
-        f"Machine: {machine['processor']}, {machine['threads']} torch threads, torch {machine['torch']}, "
-        f"{machine['platform']}.",
-        f"Command: `python benchmarks/step_cost.py --repeats {args.repeats}` (median of {args.repeats} "
-        "round-robin steps per configuration).",
+        (f"Machine: {machine['processor']}, {machine['threads']} torch threads, torch {machine['torch']}, "
+        f"{machine['platform']}."),
+        (f"Command: `python benchmarks/step_cost.py --repeats {args.repeats}` (median of {args.repeats} "
+        "round-robin steps per configuration)."),
         "",
-        "`÷ equal`: step time over `equal`'s step time on the same model, batch and K. `÷ grads`: over the "
+        ("`÷ equal`: step time over `equal`'s step time on the same model, batch and K. `÷ grads`: over the "
         "forward pass plus the per-task gradients in the same mode (what the method cannot avoid). "
-        "`G bytes`: the per-task gradient matrix held (float32).",
+        "`G bytes`: the per-task gradient matrix held (float32)."),
         "",
-        "`M+meta`: an ordinary step followed by a meta step (L_V and the hypergradient on another batch of the "
-        "same size); `M (meta every N)`: the amortized cost of M's default schedule, one meta step in N steps.",
+        ("`M+meta`: an ordinary step followed by a meta step (L_V and the hypergradient on another batch of the "
+        "same size); `M (meta every N)`: the amortized cost of M's default schedule, one meta step in N steps."),
         "",
     ]
     if any(r.get("merged") for r in rows):

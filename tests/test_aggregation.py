@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 from auxilia import NonFiniteLossError, methods
-from auxilia.methods.aggregation import cagrad_dual, normalized_gram, min_norm_weights
+from auxilia.methods.aggregation import cagrad_dual, min_norm_weights, normalized_gram
 
 NAMES = ["pcgrad", "pcgrad-aux", "gcs", "mgda", "cagrad"]
 VARIANTS = [
@@ -97,7 +97,7 @@ def test_registered_with_their_defaults():
 @settings(max_examples=250, deadline=None)
 @given(case=jacobians(), variant=st.sampled_from(VARIANTS))
 def test_finite_direction_reproduced_by_the_weights(case, variant):
-    kind, G = case
+    _kind, G = case
     name, hp = variant
     method = create(name, G.shape[0], **hp)
     d = method.aggregate(G)
@@ -647,7 +647,7 @@ def test_mgda_in_representation_mode_is_mgda_ub():
 
 def test_backward_failure_leaves_the_state_untouched():
     net = Net(2)
-    rep, losses = net.losses(torch.randn(5, 4), torch.randn(5, 2))
+    _rep, losses = net.losses(torch.randn(5, 4), torch.randn(5, 2))
     losses["t1"] = losses["t1"] * float("nan")
     for name in NAMES:
         method = create(name, 2)

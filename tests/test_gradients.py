@@ -69,7 +69,7 @@ def test_batched_falls_back_cleanly_when_vmap_has_no_rule():
 
         @staticmethod
         def backward(ctx, grad):
-            (x,) = ctx.saved_tensors
+            (_x,) = ctx.saved_tensors
             scale = 2.0 if grad.sum().item() == grad.sum().item() else 0.0  # data-dependent: no vmap rule
             return grad * scale
 

@@ -5,6 +5,7 @@ from torch import nn
 
 from auxilia import methods
 from auxilia.methods.base import MetaContext
+from auxilia.tasks import TaskError
 
 TASKS = ["main", "a", "b"]
 
@@ -142,7 +143,7 @@ def test_meta_step_clips_renormalizes_and_restores_on_failure():
     broken = MetaContext(losses=lambda b: {"main": torch.tensor(float("nan"), requires_grad=True)},
                          train_batch=lambda: train, aux_batch=lambda: aux, shared=context.shared,
                          heads=context.heads, learning_rate=1e-3)
-    with pytest.raises(Exception):
+    with pytest.raises(TaskError, match="'a'"):  # the broken batch lacks the auxiliary losses
         method.meta_step(broken)
     for k, v in method.state_dict().items():
         assert torch.equal(v, before[k])

@@ -70,7 +70,7 @@ def test_dwa_follows_the_loss_ratio_rule():
 
 def test_gradnorm_weight_gradient_matches_its_definition():
     method = methods.create("gradnorm", TASKS, primary="main", alpha=1.5)
-    encoder, heads, losses = _setup()
+    encoder, _heads, losses = _setup()
     method.backward(losses, shared_parameters=encoder.parameters())
     # independent computation of the GradNorm loss gradient on the step's first call (rates = 1)
     encoder2, _, losses2 = _setup()

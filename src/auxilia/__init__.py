@@ -4,4 +4,4 @@ from . import gradients, methods
 from .tasks import NonFiniteLossError, Task, TaskError, TaskSet
 
 __version__ = "0.1.0"
-__all__ = ["NonFiniteLossError", "Task", "TaskError", "TaskSet", "gradients", "methods", "__version__"]
+__all__ = ["NonFiniteLossError", "Task", "TaskError", "TaskSet", "__version__", "gradients", "methods"]

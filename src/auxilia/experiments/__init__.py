@@ -1,7 +1,6 @@
 """Experiments ``auxilia run`` can reproduce; each registers itself by name."""
 
-from . import adult, cifar, movielens, multimnist, scenes, toy  # noqa: F401  (registers the experiments)
-from . import learned_aux, many_aux  # noqa: F401  (registers learned-aux and many-aux)
+from . import adult, cifar, learned_aux, many_aux, movielens, multimnist, scenes, toy  # noqa: F401  (registers the experiments)  # noqa: F401  (registers learned-aux and many-aux)
 from .base import Experiment, Setup, available, get, register
 
 __all__ = ["Experiment", "Setup", "available", "get", "register"]

@@ -34,15 +34,15 @@ from .base import GradientAggregation
 from .registry import register
 
 __all__ = [
+    "MGDA",
     "CAGrad",
     "CAGradSolution",
     "GradientCosineSimilarity",
-    "MGDA",
     "PCGrad",
     "PCGradAux",
     "cagrad_dual",
-    "normalized_gram",
     "min_norm_weights",
+    "normalized_gram",
 ]
 
 # KKT tolerance of the solvers, relative to the Gram matrix normalized to a largest diagonal of 1.

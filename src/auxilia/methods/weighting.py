@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ..gradients import as_parameter_list, jacobian
+from ..gradients import jacobian
 from ..tasks import NonFiniteLossError, Task
 from .base import LossWeighting
 from .registry import register
