@@ -13,7 +13,8 @@ A failing step (non-finite loss or gradient) raises before any ``.grad`` or stat
 from __future__ import annotations
 
 import abc
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -73,14 +74,21 @@ class Method(nn.Module, metaclass=abc.ABCMeta):
         before anything is written when a loss or gradient is not finite.
         """
         ordered = self.tasks.ordered(losses)
+        with self.restored_on_failure():
+            info = self._backward(ordered, as_parameter_list(shared_parameters), task_parameters, representation)
+        self.steps += 1
+        return info
+
+    @contextmanager
+    def restored_on_failure(self) -> Iterator[None]:
+        """Run a step that changes the method's state; if it raises, put every buffer and
+        parameter back as it was, so that a failing step never leaves the method half-updated."""
         snapshot = {k: v.detach().clone() for k, v in self.state_dict().items()}
         try:
-            info = self._backward(ordered, as_parameter_list(shared_parameters), task_parameters, representation)
+            yield
         except BaseException:
             self.load_state_dict(snapshot)
             raise
-        self.steps += 1
-        return info
 
     def _backward(
         self,

@@ -362,16 +362,12 @@ class MAOAL(Method):
         if not context.learning_rate > 0:
             # a lower step of size 0 does not depend on w: the look-back gradient is exactly zero
             return {"skipped": 1.0}
-        snapshot = {k: v.detach().clone() for k, v in self.state_dict().items()}
-        try:
+        with self.restored_on_failure():
             grad, info = self.meta_gradient(context)
             if not bool(torch.isfinite(grad).all()):
                 raise FloatingPointError(f"{self.name}: the gradient of the module weights is not finite")
             self._upper_step(grad.to(self.w.dtype))
             self.last_meta_grad_norm = grad.norm().to(self.last_meta_grad_norm)
-        except BaseException:
-            self.load_state_dict(snapshot)
-            raise
         return {**info, "grad_norm": float(self.last_meta_grad_norm), "module_weights": self.module_weights()}
 
     # ------------------------------------------------------------------ reporting

@@ -220,8 +220,7 @@ class AuxiNash(NashMTL):
         return grad, {"val_loss": float(val_loss.detach())}
 
     def meta_step(self, context: MetaContext) -> dict[str, Any]:
-        snapshot = {k: v.detach().clone() for k, v in self.state_dict().items()}
-        try:
+        with self.restored_on_failure():
             grad, info = self.preference_gradient(context)
             if not bool(torch.isfinite(grad).all()):
                 raise FloatingPointError(f"{self.name}: the preference gradient is not finite")
@@ -231,7 +230,4 @@ class AuxiNash(NashMTL):
             self.momentum = self.meta_momentum * self.momentum + grad
             p = (self.preferences - self.meta_lr * self.momentum).clamp(min=self.min_preference)
             self.preferences = p * (self.num_tasks / p.sum())
-        except BaseException:
-            self.load_state_dict(snapshot)
-            raise
         return {**info, "preference_grad_norm": norm}
