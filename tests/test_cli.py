@@ -115,6 +115,13 @@ def test_scenes_runs_end_to_end_with_its_options(tmp_path):
         main(["run", "scenes", "--method", "stl", "--option", 'auxiliaries=["height"]', "--out", str(out)])
 
 
+def test_batch_size_and_epochs_override_the_experiment(tmp_path):
+    assert main(["run", "toy", "--method", "equal", "--seeds", "1", "--epochs", "2", "--batch-size", "250",
+                 "--out", str(tmp_path), "--no-plots"]) == 0
+    (record,) = [json.loads(line) for line in (tmp_path / "results.jsonl").read_text().splitlines()]
+    assert record["steps"] == 2 * 1000 // 250 and record["config"]["batch_size"] == 250
+
+
 def test_a_grid_resumes_without_rerunning_finished_runs(tmp_path, capsys):
     args = ["run", "toy", "--method", "stl", "--seeds", "2", "--epochs", "1", "--out", str(tmp_path), "--no-plots"]
     main(args)

@@ -60,6 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
                                     "aux-g-stage, aux-g-layer, aux-nas); combines with any --method")
     run.add_argument("--epochs", type=int)
     run.add_argument("--max-steps", type=int)
+    run.add_argument("--batch-size", type=int, help="training batch size (default: the experiment's)")
     run.add_argument("--amp", action="store_true", help="bfloat16 autocast")
     run.add_argument("--progress", action="store_true", help="progress bars (needs tqdm)")
     run.add_argument("--no-plots", action="store_true")
@@ -137,7 +138,8 @@ def _run(args: argparse.Namespace) -> int:
     if unknown:
         raise SystemExit(f"experiment {experiment.name!r} has no option {unknown[0]!r}; options: {experiment.options()}")
     out = Path(args.out)
-    trainer_overrides = {"epochs": args.epochs, "max_steps": args.max_steps, "progress": args.progress or None,
+    trainer_overrides = {"epochs": args.epochs, "max_steps": args.max_steps, "batch_size": args.batch_size,
+                         "progress": args.progress or None,
                          "amp": args.amp or None}
     done = finished_runs(out)
     for name in names:
