@@ -190,3 +190,20 @@ def test_meta_steps_run_and_are_logged(tmp_path):
     names = {line.split(",")[3] for line in (tmp_path / "log.csv").read_text().splitlines()[1:]}
     assert "meta/val_loss" in names
     assert trainer.method.preferences.sum().item() == pytest.approx(2.0)
+
+
+@pytest.mark.parametrize("name", ["auxinash", "auxilearn", "maoal"])
+def test_meta_learned_methods_share_one_rule_for_the_validation_batch(name):
+    from auxilia import methods
+    from auxilia.methods.base import MetaContext
+
+    with pytest.raises(ValueError, match=f"{name}: meta_source must be 'aux' or 'train', got 'val'"):
+        methods.create(name, ["main", "aux"], primary="main", meta_source="val")
+    drawn = []
+    context = MetaContext(losses=lambda batch: {}, train_batch=lambda: drawn.append("train") or "t",
+                          aux_batch=None, shared=[], heads=[], learning_rate=0.1)
+    assert context.validation_batch("train", name) == "t" and drawn == ["train"]
+    with pytest.raises(ValueError, match=f"{name}: meta_source='aux' needs an 'aux' split"):
+        context.validation_batch("aux", name)
+    context.aux_batch = lambda: "a"
+    assert context.validation_batch("aux", name) == "a"

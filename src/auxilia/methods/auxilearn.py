@@ -32,7 +32,7 @@ from torch import Tensor, nn
 from ..gradients import as_parameter_list
 from ..hypergrad import hypergradient
 from ..tasks import NonFiniteLossError, Task, TaskError
-from .base import MetaContext, Method
+from .base import MetaContext, Method, check_meta_source
 from .combiners import Combiner, ConvCombiner, make_combiner
 from .registry import register
 
@@ -73,8 +73,7 @@ class AuxiLearn(Method):
             raise ValueError(f"{self.name}: meta_momentum must be in [0, 1), got {meta_momentum}")
         if not (math.isfinite(meta_weight_decay) and meta_weight_decay >= 0):
             raise ValueError(f"{self.name}: meta_weight_decay must be finite and >= 0, got {meta_weight_decay}")
-        if meta_source not in ("aux", "train"):
-            raise ValueError(f"{self.name}: meta_source must be 'aux' or 'train', got {meta_source!r}")
+        check_meta_source(meta_source, self.name)
         if meta_scope not in ("shared", "all"):
             raise ValueError(f"{self.name}: meta_scope must be 'shared' or 'all', got {meta_scope!r}")
         self.combiner: Combiner = make_combiner(combiner, self.num_tasks, hidden, init_upper, init)
@@ -207,12 +206,7 @@ class AuxiLearn(Method):
         """dL_V/dφ at the current model, by implicit differentiation (φ must require grad)."""
         train = self.tasks.ordered(context.losses(context.train_batch()), scalar=False)
         train_loss = self.combiner(self.stack(train))
-        if self.meta_source == "aux":
-            if context.aux_batch is None:
-                raise ValueError(f"{self.name}: the meta step needs an 'aux' split (or meta_source='train')")
-            batch = context.aux_batch()
-        else:
-            batch = context.train_batch()
+        batch = context.validation_batch(self.meta_source, self.name)
         val_loss = self.tasks.ordered(context.losses(batch), scalar=False)[0].mean()
         W = list(context.shared) + (list(context.heads) if self.meta_scope == "all" else [])
         result = hypergradient(

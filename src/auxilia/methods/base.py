@@ -41,6 +41,26 @@ class MetaContext:
     heads: list[Tensor]
     learning_rate: float
 
+    def validation_batch(self, source: str, method: str) -> Any:
+        """The batch a meta step's validation loss L_V is taken on: a fresh ``aux`` batch or a
+        fresh ``train`` batch (different from the one L_T was taken on), as the method's
+        ``meta_source`` says."""
+        if check_meta_source(source, method) == "train":
+            return self.train_batch()
+        if self.aux_batch is None:
+            raise ValueError(f"{method}: meta_source='aux' needs an 'aux' split; give one or use meta_source='train'")
+        return self.aux_batch()
+
+
+META_SOURCES = ("aux", "train")
+
+
+def check_meta_source(source: str, method: str) -> str:
+    """Validate a meta-learned method's ``meta_source`` hyperparameter."""
+    if source not in META_SOURCES:
+        raise ValueError(f"{method}: meta_source must be 'aux' or 'train', got {source!r}")
+    return source
+
 
 class Method(nn.Module, metaclass=abc.ABCMeta):
     """Base of every method: the tasks, the primary first, and the step counter."""

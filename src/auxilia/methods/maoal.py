@@ -52,7 +52,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from ..gradients import as_parameter_list, jacobian, other_parameters, write_gradient
 from ..hypergrad import neumann_vector
 from ..tasks import NonFiniteLossError, Task
-from .base import MetaContext, Method
+from .base import MetaContext, Method, check_meta_source
 from .registry import register
 
 __all__ = ["MAOAL", "module_map", "plot_module_weights", "read_module_weights"]
@@ -160,8 +160,7 @@ class MAOAL(Method):
             raise ValueError(f"{self.name}: upper_momentum must be in [0, 1), got {upper_momentum}")
         if not math.isfinite(init):
             raise ValueError(f"{self.name}: init must be finite, got {init}")
-        if meta_source not in ("aux", "train"):
-            raise ValueError(f"{self.name}: meta_source must be 'aux' or 'train', got {meta_source!r}")
+        check_meta_source(meta_source, self.name)
         if mode not in ("loop", "batched"):
             raise ValueError(f"{self.name}: mode must be 'loop' or 'batched' (per-module weights need parameter gradients), got {mode!r}")
         if chunk_size is not None and chunk_size < 1:
@@ -318,12 +317,7 @@ class MAOAL(Method):
                 train_grads.append(sum(C[k, modules[j]].to(g.dtype) * g for k, g in pieces))
             else:
                 train_grads.append(sum(g for _, g in pieces))
-        if self.meta_source == "aux":
-            if context.aux_batch is None:
-                raise ValueError(f"{self.name}: meta_source='aux' needs an 'aux' split; give one or use meta_source='train'")
-            val_batch = context.aux_batch()
-        else:
-            val_batch = context.train_batch()
+        val_batch = context.validation_batch(self.meta_source, self.name)
         val_loss = self.tasks.ordered(context.losses(val_batch))[0]
         found = torch.autograd.grad(val_loss, active, allow_unused=True)
         g_val = [torch.zeros_like(p) if id(p) not in index or found[index[id(p)]] is None else found[index[id(p)]] for p in params]

@@ -25,7 +25,7 @@ from ..gradients import gram
 from ..hypergrad import neumann_vector
 from ..solvers import nash_bargaining, nash_sensitivity
 from ..tasks import Task
-from .base import GradientAggregation, MetaContext
+from .base import GradientAggregation, MetaContext, check_meta_source
 from .registry import register
 
 
@@ -166,8 +166,7 @@ class AuxiNash(NashMTL):
         super().__init__(tasks, primary, mode, chunk_size, max_norm, update_weights_every, gram_normalization)
         if not isinstance(hypergrad_every, int) or hypergrad_every < 1:
             raise ValueError(f"{self.name}: hypergrad_every must be a positive integer, got {hypergrad_every!r}")
-        if meta_source not in ("train", "aux"):
-            raise ValueError(f"{self.name}: meta_source must be 'train' or 'aux', got {meta_source!r}")
+        check_meta_source(meta_source, self.name)
         if not isinstance(neumann_terms, int) or neumann_terms < 0:
             raise ValueError(f"{self.name}: neumann_terms must be an integer >= 0, got {neumann_terms!r}")
         for label, value in (("neumann_lr", neumann_lr), ("meta_lr", meta_lr), ("meta_max_norm", meta_max_norm), ("min_preference", min_preference)):
@@ -204,12 +203,7 @@ class AuxiNash(NashMTL):
         alpha = solution.alpha
         a = torch.as_tensor(alpha, dtype=flat.dtype, device=flat.device)
         train_grads = [sum(a[k] * per_task[k][i] for k in range(len(losses))) for i in range(len(W))]
-        if self.meta_source == "aux":
-            if context.aux_batch is None:
-                raise ValueError(f"{self.name}: meta_source='aux' needs an 'aux' split")
-            val_batch = context.aux_batch()
-        else:
-            val_batch = context.train_batch()
+        val_batch = context.validation_batch(self.meta_source, self.name)
         val_loss = self.tasks.ordered(context.losses(val_batch))[0]
         g_val = [torch.zeros_like(w) if g is None else g for g, w in zip(torch.autograd.grad(val_loss, W, allow_unused=True), W)]
         v, _ = neumann_vector(train_grads, W, g_val, self.neumann_terms, self.neumann_lr)
