@@ -97,6 +97,16 @@ def _pyplot():
     return plt
 
 
+def save_figure(fig, path: str | Path, dpi: int = 120) -> Path:
+    """Lay out, write (creating the folder) and close ``fig``; every plot of the package ends here."""
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=dpi)
+    _pyplot().close(fig)
+    return path
+
+
 def plot_primary(rows: Sequence[dict[str, Any]], primary_name: str, path: str | Path) -> Path:
     """Bar chart of the primary metric per method, with the std over seeds as error bars."""
     plt = _pyplot()
@@ -107,11 +117,7 @@ def plot_primary(rows: Sequence[dict[str, Any]], primary_name: str, path: str | 
     ax.set_xticks(range(len(rows)), [row["method"] for row in rows], rotation=45, ha="right")
     ax.set_ylabel(primary_name)
     ax.set_title("primary metric (mean ± std over seeds)")
-    fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def plot_weights(records: Iterable[dict[str, Any]], experiment: str, path: str | Path) -> Path | None:
@@ -138,11 +144,7 @@ def plot_weights(records: Iterable[dict[str, Any]], experiment: str, path: str |
         ax.axis("off")
     axes.flat[0].legend(fontsize=7)
     fig.suptitle(f"{experiment}: task weights over training (seed {next(iter(runs.values()))['seed']})", fontsize=10)
-    fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def plot_run_log(
@@ -180,8 +182,4 @@ def plot_run_log(
         ax.legend(fontsize=7)
     if title:
         fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)

@@ -77,15 +77,12 @@ def rows_from_metrics(metrics: Mapping[str, float], primary: str) -> list[dict[s
 
 def plot_alpha(tables: Sequence[Sequence[Mapping[str, Any]]], path: str | Path, title: str = "") -> Path:
     """Heat maps of α (target layer x source layer offset), one per direction, averaged over the given
-    tables (e.g. one per seed). Needs matplotlib (the ``plots`` extra)."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError as error:
-        raise ImportError("plotting α needs matplotlib: pip install 'auxilia[plots]'") from error
+    tables (e.g. one per seed). Needs matplotlib (the ``plot`` extra)."""
     import numpy as np
+
+    from ..report import _pyplot, save_figure
+
+    plt = _pyplot()
 
     rows = [r for table in tables for r in table]
     if not rows:
@@ -115,12 +112,7 @@ def plot_alpha(tables: Sequence[Sequence[Mapping[str, Any]]], path: str | Path, 
         fig.colorbar(image, ax=ax, fraction=0.05)
     if title:
         fig.suptitle(title)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def report_alpha(results: str | Path, out: str | Path | None = None, split: str = "test") -> str:

@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from ..report import _pyplot, load_results
+from ..report import _pyplot, load_results, save_figure
 from .base import Experiment
 from .runner import finished_runs, run_key, run_one
 
@@ -134,11 +134,7 @@ def plot_fronts(fronts: dict[str, list[dict[str, Any]]], metrics: tuple[str, str
     ax.set_title(title or "Pareto sweep", fontsize=10)
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
-    fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path, dpi=130)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, dpi=130)
 
 
 def default_metrics(records: Sequence[dict[str, Any]]) -> tuple[str, str]:

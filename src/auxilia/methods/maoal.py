@@ -417,7 +417,7 @@ def read_module_weights(log_csv: str | Path) -> dict[str, list[tuple[int, dict[s
 def plot_module_weights(log_csvs: Sequence[str | Path], path: str | Path, stages: int = 4, title: str = "") -> Path:
     """Each auxiliary loss's weight per module at the end of each of ``stages`` equal training
     stages (mean over the given runs, e.g. seeds), as grouped bars: one panel per auxiliary task."""
-    from ..report import _pyplot
+    from ..report import _pyplot, save_figure
 
     runs = [read_module_weights(p) for p in log_csvs]
     runs = [r for r in runs if r]
@@ -446,8 +446,4 @@ def plot_module_weights(log_csvs: Sequence[str | Path], path: str | Path, stages
     axes.flat[-1].legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     if title:
         fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
