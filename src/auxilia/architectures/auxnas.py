@@ -32,6 +32,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
+from .. import distributed
 from ..tasks import NonFiniteLossError
 from .fusion import ChannelAffine, FeatureKind, Layer, Projection, make_layer, output_channels
 
@@ -400,6 +401,7 @@ class AuxNAS(nn.Module):
         (grad,) = torch.autograd.grad(objective, [self.alpha_logits], allow_unused=True)
         if grad is None:
             grad = torch.zeros_like(self.alpha_logits)
+        grad = distributed.average(grad)  # the global batch's gradient (the penalty's part is the same everywhere)
         if not bool(torch.isfinite(grad).all()):
             raise NonFiniteLossError("architecture", "the gradient of the architecture weights is not finite")
         self._adam(grad.detach())

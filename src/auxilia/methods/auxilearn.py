@@ -29,7 +29,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ..gradients import as_parameter_list
+from .. import distributed
+from ..gradients import as_parameter_list, other_parameters
 from ..hypergrad import hypergradient
 from ..tasks import NonFiniteLossError, Task, TaskError
 from .base import MetaContext, Method, check_meta_source
@@ -189,15 +190,20 @@ class AuxiLearn(Method):
         with torch.enable_grad():
             objective = self.combiner(leaf)
             (slope,) = torch.autograd.grad(objective, leaf)
-        if not bool(torch.isfinite(objective.detach())) or not bool(torch.isfinite(slope).all()):
+        finite = bool(torch.isfinite(objective.detach())) and bool(torch.isfinite(slope).all())
+        if not distributed.all_agree(finite):
             raise NonFiniteLossError("combined", f"{self.name}: the combined objective is {float(objective.detach()):g}")
         if task_parameters is None:
             torch.autograd.backward(stacked, slope)
+            inputs = [*shared, *other_parameters(ordered, shared)] if distributed.active() else []
         else:
             inputs = [p for p in [*shared, *as_parameter_list(task_parameters, "task_parameters")] if p.requires_grad]
             torch.autograd.backward(stacked, slope, inputs=inputs)
+        # the combiner acts per sample (or on batch means), so its gradient averages like a loss's
+        distributed.average_gradients(dict.fromkeys(inputs))
         effective = slope if slope.dim() == 1 else slope.transpose(0, 1).reshape(self.num_tasks, -1).sum(dim=1)
-        self.last_weights = effective.detach().to(self.last_weights)
+        self.last_weights = distributed.average(effective.detach()).to(self.last_weights)
+        objective = distributed.average(objective.detach())
         self.steps += 1
         return {"weights": self.weights(), "objective": float(objective.detach())}
 

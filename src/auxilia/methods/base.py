@@ -21,6 +21,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from .. import distributed
 from ..gradients import as_parameter_list, check_mode, jacobian, other_parameters, write_gradient
 from ..tasks import NonFiniteLossError, Task, TaskSet
 
@@ -176,14 +177,19 @@ class LossWeighting(Method):
 
     def _backward(self, losses, shared, task_parameters, representation):
         objective = self.combine(torch.stack(losses))
-        if not bool(torch.isfinite(objective.detach())):
+        if not distributed.all_agree(bool(torch.isfinite(objective.detach()))):
             raise NonFiniteLossError("combined", f"the combined objective is {float(objective.detach()):g}")
+        own = [p for p in self.parameters() if p.requires_grad]
         if task_parameters is None:
             objective.backward()
+            if distributed.active():  # the leaves backward reached, to average their gradients
+                inputs = [*shared, *other_parameters(losses, shared), *own]
         else:
-            own = [p for p in self.parameters() if p.requires_grad]
             inputs = [p for p in [*shared, *as_parameter_list(task_parameters, "task_parameters"), *own]]
             torch.autograd.backward(objective, inputs=[p for p in inputs if p.requires_grad])
+        if distributed.active():
+            distributed.average_gradients(dict.fromkeys(inputs))  # one reduction, P floats (as DDP)
+            objective = distributed.average(objective.detach())
         return {"weights": self.weights(), "objective": float(objective.detach())}
 
 
@@ -254,7 +260,15 @@ class GradientAggregation(Method):
         # The heads ride along in the same K backward passes: their gradient is the column sum.
         width = sum(t.numel() for t in targets)
         full = jacobian(losses, [*targets, *heads], how, self.chunk_size, retain_graph=True)
-        G, head_rows = full[:, :width], full[:, width:]
+        offset = 0
+        if self.mode == "representation":
+            # rows are per-sample blocks: the global G is the processes' blocks side by side
+            G, offset = distributed.gather_rows(full[:, :width] * distributed.fraction(), len(representation))
+            head_rows = distributed.average(full[:, width:])
+            full = torch.cat([G, head_rows], dim=1) if distributed.active() else full
+        else:
+            full = distributed.average(full)  # K·P floats: the global batch's per-task gradients
+            G, head_rows = full[:, :width], full[:, width:]
         direction = self.aggregate(G)
         head_gradient = head_rows.sum(dim=0)
         # one reduction as the fast check; a non-finite sum triggers the exact, element-wise one
@@ -266,7 +280,9 @@ class GradientAggregation(Method):
         if heads:
             write_gradient(head_gradient, heads)
         if self.mode == "representation":
-            torch.autograd.backward(representation, direction.view_as(representation), inputs=shared)
+            local = direction[offset : offset + width].view_as(representation)
+            torch.autograd.backward(representation, local, inputs=shared)
+            distributed.average_gradients(shared, scale=1.0)  # each process pulled back its own rows
         else:
             write_gradient(direction, shared)
         return {"weights": self.weights()}

@@ -49,6 +49,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from .. import distributed
 from ..gradients import as_parameter_list, jacobian, other_parameters, write_gradient
 from ..hypergrad import neumann_vector
 from ..tasks import NonFiniteLossError, Task
@@ -271,7 +272,7 @@ class MAOAL(Method):
         heads = other_parameters(losses, shared) if task_parameters is None else as_parameter_list(task_parameters, "task_parameters")
         sizes = [p.numel() for p in shared]
         width = sum(sizes)
-        full = jacobian(losses, [*shared, *heads], self.mode, self.chunk_size, retain_graph=False)
+        full = distributed.average(jacobian(losses, [*shared, *heads], self.mode, self.chunk_size, retain_graph=False))
         direction = self.aggregate(full[:, :width], sizes)
         head_gradient = full[:, width:].sum(dim=0)
         if not bool(torch.isfinite(direction.sum() + head_gradient.sum())):

@@ -14,6 +14,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from .. import distributed
 from ..gradients import jacobian
 from ..tasks import NonFiniteLossError, Task
 from .base import LossWeighting
@@ -157,7 +158,7 @@ class DynamicWeightAverage(LossWeighting):
         self.register_buffer("epochs_done", torch.zeros((), dtype=torch.long))
 
     def combine(self, losses: Tensor) -> Tensor:
-        self.epoch_sum += losses.detach().to(self.epoch_sum)
+        self.epoch_sum += distributed.average(losses.detach()).to(self.epoch_sum)  # the global batch's losses
         self.epoch_batches += 1
         return (self.current.to(losses) * losses).sum()
 
@@ -208,8 +209,8 @@ class GradNorm(LossWeighting):
             w.mul_(self.num_tasks / w.sum().clamp(min=1e-12))
         layer = next((p for p in reversed(shared) if p.dim() >= 2), None)
         last = [layer] if layer is not None else shared
-        norms = jacobian(losses, last, retain_graph=True).norm(dim=1)
-        loss_values = torch.stack(losses).detach()
+        norms = distributed.average(jacobian(losses, last, retain_graph=True)).norm(dim=1)
+        loss_values = distributed.average(torch.stack(losses).detach())
         if not bool(torch.isfinite(norms).all()):
             bad = self.task_names[int((~torch.isfinite(norms)).nonzero()[0])]
             raise NonFiniteLossError(bad, f"task {bad!r}: gradient is not finite")

@@ -13,6 +13,8 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
+from ..distributed import shard_bounds
+
 Batch = tuple[Any, dict[str, Tensor], dict[str, Tensor]]
 
 
@@ -72,8 +74,13 @@ def epoch_batches(
     skip: int = 0,
     drop_last: bool = False,
     num_workers: int = 0,
+    shard: tuple[int, int] | None = None,
 ) -> Iterator[Batch]:
-    """The batches of one epoch in an order fixed by (seed, epoch), starting after ``skip`` batches."""
+    """The batches of one epoch in an order fixed by (seed, epoch), starting after ``skip`` batches.
+
+    ``shard=(rank, world)`` yields only that process's contiguous part of each global batch (see
+    :func:`auxilia.distributed.shard_bounds`); the global batches are the same for every ``world``.
+    """
     n = len(dataset)  # type: ignore[arg-type]
     if shuffle:
         generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
@@ -83,11 +90,16 @@ def epoch_batches(
     if drop_last:
         order = order[: n - n % batch_size]
     order = order[skip * batch_size :]
+    batches = [order[start : start + batch_size] for start in range(0, len(order), batch_size)]
+    if shard is not None:
+        rank, world = shard
+        batches = [batch[slice(*shard_bounds(len(batch), rank, world))] for batch in batches]
+    batches = [batch.tolist() for batch in batches]
     if isinstance(dataset, TaskDataset):
-        for start in range(0, len(order), batch_size):
-            yield dataset.__getitems__(order[start : start + batch_size].tolist())
+        for indices in batches:
+            yield dataset.__getitems__(indices)
         return
-    loader = DataLoader(dataset, batch_size=batch_size, sampler=order.tolist(), num_workers=num_workers)
+    loader = DataLoader(dataset, batch_sampler=batches, num_workers=num_workers)
     for batch in loader:
         yield as_batch(batch)
 
@@ -95,6 +107,13 @@ def epoch_batches(
 def num_batches(dataset: Dataset, batch_size: int, drop_last: bool = False) -> int:
     n = len(dataset)  # type: ignore[arg-type]
     return n // batch_size if drop_last else -(-n // batch_size)
+
+
+def batch_length(batch: Batch) -> int:
+    """The number of samples in a batch (of its targets; of its inputs when it has none)."""
+    inputs, targets, _ = batch
+    first = next(iter(targets.values()), None)
+    return len(first) if first is not None else len(inputs)
 
 
 def to_device(batch: Batch, device: torch.device) -> Batch:

@@ -13,6 +13,11 @@ method nothing but what :class:`~auxilia.methods.Method` declares. The model con
   ``model.own_parameters()`` by its own rule (e.g. Aux-NAS's architecture weights): called on every
   batch after the losses; a non-``None`` result means the batch was spent there and no weight step
   follows. ``own_parameters()`` are left out of the optimizer.
+
+Under ``torchrun`` (a process group of more than one process) each process trains on its contiguous
+part of every global batch and the method averages what it needs (see :mod:`auxilia.distributed`),
+so every process takes the step one process would take on the whole batch. Meta steps run in full on
+every process on the same meta batch; only rank 0 evaluates, logs and writes checkpoints.
 """
 
 from __future__ import annotations
@@ -32,9 +37,10 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import Dataset, default_collate
 
+from .. import distributed
 from ..methods.base import MetaContext, Method
 from ..tasks import NonFiniteLossError, TaskSet
-from .data import Batch, as_batch, epoch_batches, num_batches, to_device
+from .data import Batch, as_batch, batch_length, epoch_batches, num_batches, to_device
 from .logging import RunLogger
 
 OptimizerFactory = Callable[[list[dict[str, Any]]], torch.optim.Optimizer]
@@ -137,6 +143,9 @@ class Trainer:
                 f"{method.name}: mode='representation' needs model.forward_with_representation(x) "
                 "returning (representation, outputs)"
             )
+        self.world = distributed.world_size()
+        self.main = distributed.is_main()
+        distributed.broadcast_state(self.model, self.method)  # identical replicas, whatever each process built
         self.shared = list(model.shared_parameters()) if hasattr(model, "shared_parameters") else list(model.parameters())
         self.heads = list(model.task_parameters()) if hasattr(model, "task_parameters") else None
         # methods that need the model's structure (parameter names, modules) declare attach_model
@@ -152,6 +161,7 @@ class Trainer:
             groups.append({"params": own})
         self.optimizer = optimizer(groups)
         self.steps_per_epoch = num_batches(self.datasets["train"], self.config.batch_size, self.config.drop_last)
+        self._check_shardable()
         total = self.config.epochs * self.steps_per_epoch
         if self.config.max_steps is not None:
             total = min(total, self.config.max_steps)
@@ -189,7 +199,12 @@ class Trainer:
         return losses
 
     def train_step(self, batch: Batch) -> dict[str, Any] | None:
-        """One optimizer step on ``batch``; ``None`` when the step was skipped (non-finite)."""
+        """One optimizer step on ``batch`` (this process's part of the global batch under torchrun);
+        ``None`` when the step was skipped (non-finite)."""
+        with distributed.sharded(batch_length(batch)):
+            return self._train_step(batch)
+
+    def _train_step(self, batch: Batch) -> dict[str, Any] | None:
         inputs, targets, masks = to_device(batch, self.device)
         self.model.train()
         self.optimizer.zero_grad(set_to_none=True)
@@ -197,7 +212,7 @@ class Trainer:
         try:
             with self._autocast():
                 representation, outputs = self._forward(inputs)
-            losses = self.compute_losses(outputs, targets, masks)
+            losses = self._losses_everywhere(outputs, targets, masks)
             if self._own_step is not None:
                 own = self._own_step(losses, step=self.step, total_steps=self.total_steps, batch_in_epoch=self.batch_in_epoch)
                 if own is not None:  # the model spent this batch on its own parameters: no weight step
@@ -218,10 +233,38 @@ class Trainer:
         if self.scheduler is not None:
             self.scheduler.step()
         info = dict(info)
-        info["losses"] = {k: float(v.detach().mean()) for k, v in losses.items()}
+        values = distributed.average(torch.stack([losses[name].detach().float().mean() for name in self.tasks.names]))
+        info["losses"] = dict(zip(self.tasks.names, values.tolist()))
         if self.method.meta_due():
-            info["meta"] = self.method.meta_step(self._meta_context())
+            with distributed.replicated():  # the same meta batch, in full, on every process
+                info["meta"] = self.method.meta_step(self._meta_context())
+            # bit-identical replicas even where kernels are not deterministic (a label generator is the model's)
+            distributed.broadcast_state(self.model, self.method)
         return info
+
+    def _losses_everywhere(self, outputs: Mapping[str, Tensor], targets: Mapping[str, Tensor], masks: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        """The task losses, failing on every process when one process's are not finite (a process
+        raising alone would leave the others waiting in their next all-reduce)."""
+        error: NonFiniteLossError | None = None
+        try:
+            losses = self.compute_losses(outputs, targets, masks)
+        except NonFiniteLossError as caught:
+            error = caught
+        if not distributed.all_agree(error is None):
+            raise error or NonFiniteLossError("another process", "a loss on another process is not finite")
+        return losses
+
+    def _check_shardable(self) -> None:
+        if self.world == 1:
+            return
+        if self.config.batch_size < self.world:
+            raise ValueError(f"batch_size {self.config.batch_size} is smaller than the {self.world} processes")
+        tail = len(self.datasets["train"]) % self.config.batch_size  # type: ignore[arg-type]
+        if 0 < tail < self.world and not self.config.drop_last:
+            raise ValueError(
+                f"the last training batch of each epoch has {tail} samples, fewer than the {self.world} "
+                "processes: use drop_last=True or another batch size"
+            )
 
     def _meta_context(self) -> MetaContext:
         """Meta batches are drawn at random, seeded by (seed, step): reproducible and resumable.
@@ -321,6 +364,8 @@ class Trainer:
         return value > self.best_value if higher else value < self.best_value
 
     def _select(self) -> None:
+        if not self.main:  # selection is rank 0's: only it evaluates and writes results
+            return
         if "val" not in self.datasets:
             self.best_epoch = self.epoch
             return
@@ -344,7 +389,7 @@ class Trainer:
             self.load_checkpoint(checkpoint)
         else:
             seed_everything(self.config.seed)
-        self._logger = RunLogger(self.log_dir, tensorboard=self.config.tensorboard, resume=resumed)
+        self._logger = RunLogger(self.log_dir if self.main else None, tensorboard=self.config.tensorboard and self.main, resume=resumed)
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
         progress = self._progress()
@@ -355,6 +400,7 @@ class Trainer:
                 batches = epoch_batches(
                     self.datasets["train"], self.config.batch_size, seed=self.config.seed, epoch=self.epoch,
                     skip=self.batch_in_epoch, drop_last=self.config.drop_last,
+                    shard=(distributed.rank(), self.world) if self.world > 1 else None,
                 )
                 for batch in batches:
                     info = self.train_step(batch)
@@ -392,7 +438,7 @@ class Trainer:
 
     def _result(self, stopped: bool) -> FitResult:
         metrics: dict[str, dict[str, float]] = {}
-        if not stopped:
+        if not stopped and self.main:
             if self.best_state is not None:
                 self.model.load_state_dict(self.best_state)
             splits = [s for s in ("val", "test") if s in self.datasets]
@@ -430,7 +476,7 @@ class Trainer:
             self._logger.log(self.step, self.epoch, split, values)
 
     def _progress(self):
-        if not self.config.progress:
+        if not self.config.progress or not self.main:
             return None
         try:
             from tqdm.auto import tqdm
@@ -478,7 +524,11 @@ class Trainer:
         random.setstate(_python_restore(rng["python"]))
 
     def save_checkpoint(self, path: str | Path) -> None:
-        """Write atomically: a run stopped mid-write leaves the previous checkpoint intact."""
+        """Write atomically: a run stopped mid-write leaves the previous checkpoint intact. Under
+        torchrun only rank 0 writes (every process holds the same state); any number of processes
+        can resume from it."""
+        if not self.main:
+            return
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(path.suffix + ".tmp")

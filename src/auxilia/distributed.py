@@ -1,0 +1,248 @@
+"""Data parallelism across processes (torchrun, DDP's process group) with the single-process step.
+
+Every process holds the same model and method and takes its shard of each *global* batch. For a
+method to take exactly the step one process would take on the whole batch, everything it computes
+*linearly* from the batch — loss values, per-task gradients, the final ``.grad`` — must be the
+global batch's value before anything nonlinear (a solver, a normalization, a softmax) reads it.
+With mean-reduced losses the global value is a weighted mean over processes::
+
+    x_global = Σ_r (n_r / N) · x_r        (n_r samples on process r, N in the global batch)
+
+so a method calls :func:`average` exactly there, and the rest of its step runs identically on every
+process. Outside :func:`sharded` — one process, or a meta step that every process runs in full on the
+same meta batch — :func:`average` is the identity and costs nothing.
+
+PyTorch's ``DistributedDataParallel`` wrapper is not used: it all-reduces inside ``backward`` once per
+backward pass, which for a gradient-aggregation method would average each task's gradient separately
+through hooks that ``torch.autograd.grad`` does not fire. Here the reductions are explicit, one per
+quantity, and their sizes are documented per method in ``docs/distributed.md``.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+# n_local / n_global of the batch being stepped on; None outside ``sharded``
+_fraction: float | None = None
+# bytes sent by this process's all-reduces (for the overhead benchmark and the docs' table)
+_traffic = {"calls": 0, "bytes": 0}
+
+
+def is_distributed() -> bool:
+    """Whether a process group with more than one process is running."""
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def rank() -> int:
+    return dist.get_rank() if is_distributed() else 0
+
+
+def world_size() -> int:
+    return dist.get_world_size() if is_distributed() else 1
+
+
+def is_main() -> bool:
+    """Only the main process (rank 0) writes logs, checkpoints and results."""
+    return rank() == 0
+
+
+def init_from_environment(device: str = "cpu") -> bool:
+    """Join the process group torchrun describes in the environment (NCCL for CUDA, gloo otherwise).
+
+    Returns whether a group with more than one process is now running; a plain ``python`` launch
+    (no ``WORLD_SIZE``) is left alone.
+    """
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or not dist.is_available():
+        return False
+    if not dist.is_initialized():
+        backend = "nccl" if device.startswith("cuda") and torch.cuda.is_available() else "gloo"
+        if backend == "nccl":
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        dist.init_process_group(backend)
+    return is_distributed()
+
+
+def _all_reduce(tensor: Tensor, op: Any = None) -> Tensor:
+    _traffic["calls"] += 1
+    _traffic["bytes"] += tensor.numel() * tensor.element_size()
+    dist.all_reduce(tensor, op=op or dist.ReduceOp.SUM)
+    return tensor
+
+
+def traffic() -> dict[str, int]:
+    """All-reduce calls and bytes this process has sent since the last :func:`reset_traffic`."""
+    return dict(_traffic)
+
+
+def reset_traffic() -> None:
+    _traffic.update(calls=0, bytes=0)
+
+
+def shard_bounds(n_global: int, rank_: int | None = None, world: int | None = None) -> tuple[int, int]:
+    """[start, stop) of this process's rows of a global batch: contiguous, sizes differing by at most 1."""
+    rank_ = rank() if rank_ is None else rank_
+    world = world_size() if world is None else world
+    base, extra = divmod(n_global, world)
+    start = rank_ * base + min(rank_, extra)
+    return start, start + base + (1 if rank_ < extra else 0)
+
+
+@contextmanager
+def sharded(n_local: int) -> Iterator[None]:
+    """Mark a step on this process's ``n_local`` samples of a global batch: inside, :func:`average`
+    returns global-batch values. One small all-reduce finds the global batch size."""
+    global _fraction
+    if not is_distributed():
+        yield
+        return
+    sizes = _all_reduce(torch.tensor([float(n_local)], dtype=torch.float64))
+    previous, _fraction = _fraction, n_local / float(sizes.item())
+    try:
+        yield
+    finally:
+        _fraction = previous
+
+
+@contextmanager
+def replicated() -> Iterator[None]:
+    """Mark work every process does in full on the same data (a meta step): no averaging inside."""
+    global _fraction
+    previous, _fraction = _fraction, None
+    try:
+        yield
+    finally:
+        _fraction = previous
+
+
+def active() -> bool:
+    """Whether :func:`average` reduces across processes right now."""
+    return _fraction is not None
+
+
+def fraction() -> float:
+    """n_local / n_global of the current sharded step (1 when none)."""
+    return 1.0 if _fraction is None else _fraction
+
+
+def average(tensor: Tensor) -> Tensor:
+    """The global batch's value of a quantity that is a mean over this process's samples."""
+    if _fraction is None:
+        return tensor
+    return _all_reduce(tensor.detach() * _fraction)
+
+
+def total(tensor: Tensor) -> Tensor:
+    """The sum over processes of a quantity already scaled to the global batch."""
+    if _fraction is None:
+        return tensor
+    return _all_reduce(tensor.detach().clone())
+
+
+def all_agree(ok: bool) -> bool:
+    """True only if ``ok`` on every process, so that a step fails everywhere or nowhere (a process
+    raising alone would leave the others waiting in their next all-reduce)."""
+    if _fraction is None:
+        return ok
+    flag = _all_reduce(torch.tensor([0.0 if ok else 1.0]))
+    return float(flag.item()) == 0.0
+
+
+def average_gradients(parameters: Iterable[Tensor], scale: float | None = None) -> None:
+    """Replace each ``.grad`` by its global-batch value, in one flat all-reduce.
+
+    ``scale`` multiplies the local gradient before summing: by default n_local / N (gradients of
+    this process's mean loss); 1 for gradients already scaled to the global batch. A parameter no
+    process has a gradient for keeps ``None``; one only some have gets the others' as zeros.
+    """
+    if _fraction is None:
+        return
+    params = [p for p in parameters if p.requires_grad]
+    if not params:
+        return
+    weight = _fraction if scale is None else scale
+    present = torch.tensor([0.0 if p.grad is None else 1.0 for p in params], dtype=torch.float64)
+    flat = torch.cat([
+        (torch.zeros(p.numel(), device=p.device, dtype=p.dtype) if p.grad is None else p.grad.reshape(-1) * weight)
+        for p in params
+    ])
+    # the presence flags travel in the same call (as the buffer's dtype: 0/1 are exact)
+    flat = _all_reduce(torch.cat([flat, present.to(flat)]))
+    grads, flags = flat[: -len(params)], flat[-len(params) :]
+    offset = 0
+    for p, flag in zip(params, flags.tolist()):
+        n = p.numel()
+        if flag > 0:
+            p.grad = grads[offset : offset + n].view_as(p).to(p.dtype).clone()
+        offset += n
+
+
+def broadcast_state(*modules: nn.Module) -> None:
+    """Copy rank 0's parameters and buffers into every process (start of training, after a meta step),
+    so that replicas that must be identical are, bit for bit."""
+    if not is_distributed():
+        return
+    for module in modules:
+        for tensor in [*module.parameters(), *module.buffers()]:
+            with torch.no_grad():
+                dist.broadcast(tensor.data, src=0)
+
+
+def barrier() -> None:
+    if is_distributed():
+        dist.barrier()
+
+
+def broadcast_object(value: Any) -> Any:
+    """Rank 0's ``value`` on every process (small Python objects: decisions, not tensors)."""
+    if not is_distributed():
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def gather_rows(local: Tensor, n_local: int) -> tuple[Tensor, int]:
+    """Concatenate per-sample blocks across processes: ``local`` is (K, n_local·D) with samples in
+    row-major blocks; returns (K, N·D) in rank order and this process's column offset. Done as one
+    all-reduce of a zero-padded global matrix, which handles unequal shard sizes."""
+    if _fraction is None:
+        return local, 0
+    K, width = local.shape
+    per_sample = width // max(n_local, 1)
+    counts = _all_reduce(torch.zeros(world_size(), dtype=torch.float64).index_fill_(0, torch.tensor([rank()]), float(n_local)))
+    counts_list = [int(c) for c in counts.tolist()]
+    offset = sum(counts_list[: rank()]) * per_sample
+    full = local.new_zeros(K, sum(counts_list) * per_sample)
+    full[:, offset : offset + width] = local.detach()
+    return _all_reduce(full), offset
+
+
+__all__ = [
+    "active",
+    "all_agree",
+    "average",
+    "average_gradients",
+    "barrier",
+    "broadcast_object",
+    "broadcast_state",
+    "fraction",
+    "gather_rows",
+    "init_from_environment",
+    "is_distributed",
+    "is_main",
+    "rank",
+    "replicated",
+    "reset_traffic",
+    "shard_bounds",
+    "sharded",
+    "total",
+    "traffic",
+    "world_size",
+]
