@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import subprocess
 import sys
 from pathlib import Path
 from typing import Any
 
-from . import experiments, methods
+from . import distributed, experiments, methods
 from .experiments.runner import finished_runs, run_key, run_one
 from .report import format_table, load_results, plot_primary, plot_weights, summarize
 
@@ -49,6 +51,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--first-seed", type=int, default=0)
     run.add_argument("--out", default=DEFAULT_OUT, help=f"results directory, default ./{DEFAULT_OUT}")
     run.add_argument("--device", default="cpu")
+    run.add_argument("--nproc", type=int, default=1,
+                     help="data-parallel processes via torchrun (gloo on CPU, NCCL on CUDA); same results as 1")
     run.add_argument("--data-dir", default=None, help="where the datasets are")
     run.add_argument("--budget", type=float, default=1.0, help="scale of the training length, 1 = protocol")
     run.add_argument("--mode", choices=["loop", "batched", "representation"], help="gradient mode of gradient methods")
@@ -141,24 +145,50 @@ def _run(args: argparse.Namespace) -> int:
     trainer_overrides = {"epochs": args.epochs, "max_steps": args.max_steps, "batch_size": args.batch_size,
                          "progress": args.progress or None,
                          "amp": args.amp or None}
-    done = finished_runs(out)
+    device = args.device
+    if distributed.init_from_environment(device) and device == "cuda":
+        device = f"cuda:{os.environ.get('LOCAL_RANK', '0')}"
+    main_process = distributed.is_main()
+    done = finished_runs(out)  # read once, before rank 0 appends: every process runs the same grid
     for name in names:
         for seed in range(args.first_seed, args.first_seed + args.seeds):
             if run_key(experiment.name, name, seed, args.budget, hyperparameters, trainer_overrides, options) in done:
-                print(f"{experiment.name} {name:12s} seed {seed}: already in {out / 'results.jsonl'}, skipped")
+                if main_process:
+                    print(f"{experiment.name} {name:12s} seed {seed}: already in {out / 'results.jsonl'}, skipped")
                 continue
             record = run_one(
-                experiment, name, seed, out=out, device=args.device, data_dir=args.data_dir, budget=args.budget,
+                experiment, name, seed, out=out, device=device, data_dir=args.data_dir, budget=args.budget,
                 hyperparameters=hyperparameters, trainer_overrides=trainer_overrides, options=options,
             )
+            if not main_process:
+                continue
             extra = " ".join(f"{m}={record['metrics'].get('test', {}).get(m, float('nan')):.4g}" for m in experiment.report_metrics)
             print(f"{experiment.name} {name:12s} seed {seed}: {record['primary_metric_name']}="
                   f"{record['primary_metric']:.4g} {extra} ({record['wall_time_s']:.1f}s)", flush=True)
-    _report(out, experiment.name, plots=not args.no_plots)
+    if main_process:
+        _report(out, experiment.name, plots=not args.no_plots)
     return 0
 
 
+def _launch(nproc: int, argv: list[str]) -> int:
+    """Re-run this command under torchrun with ``nproc`` processes on this machine."""
+    if nproc < 1:
+        raise SystemExit("--nproc must be at least 1")
+    rest, skip = [], False
+    for arg in argv:  # the workers learn their number from torchrun's environment, not from --nproc
+        if skip or arg.startswith("--nproc="):
+            skip = False
+            continue
+        skip = arg == "--nproc"
+        if not skip:
+            rest.append(arg)
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+               "-m", "auxilia.cli", *rest]
+    return subprocess.call(command)
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
     if args.command == "methods":
         for name in methods.available():
@@ -176,7 +206,14 @@ def main(argv: list[str] | None = None) -> int:
                 print(" " * 19 + "options: " + ", ".join(f"{k}={v!r}" for k, v in experiment.options().items()))
         return 0
     if args.command == "run":
-        return _run(args)
+        if args.nproc > 1 and "WORLD_SIZE" not in os.environ:
+            return _launch(args.nproc, argv)
+        try:
+            return _run(args)
+        finally:
+            if distributed.is_distributed():
+                distributed.barrier()
+                distributed.destroy()
     if args.command == "pareto":
         return _pareto(args)
     if args.command == "report":

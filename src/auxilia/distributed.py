@@ -199,6 +199,12 @@ def barrier() -> None:
         dist.barrier()
 
 
+def destroy() -> None:
+    """Leave the process group (end of a torchrun job)."""
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
 def broadcast_object(value: Any) -> Any:
     """Rank 0's ``value`` on every process (small Python objects: decisions, not tensors)."""
     if not is_distributed():
@@ -232,6 +238,7 @@ __all__ = [
     "barrier",
     "broadcast_object",
     "broadcast_state",
+    "destroy",
     "fraction",
     "gather_rows",
     "init_from_environment",

@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 
+from .. import distributed
 from .. import methods as method_registry
 from ..training.trainer import FitResult, Trainer
 from .base import Experiment, Setup
@@ -169,9 +170,10 @@ def run_one(
             "search": search or None,
         },
     }
-    out.mkdir(parents=True, exist_ok=True)
-    with (out / "results.jsonl").open("a") as f:
-        f.write(json.dumps(_jsonable(record)) + "\n")
+    if distributed.is_main():  # under torchrun every process trained; rank 0 holds the results
+        out.mkdir(parents=True, exist_ok=True)
+        with (out / "results.jsonl").open("a") as f:
+            f.write(json.dumps(_jsonable(record)) + "\n")
     return record
 
 
