@@ -200,3 +200,24 @@ def test_outside_a_process_group_nothing_is_reduced():
     with distributed.sharded(5):
         assert distributed.average(x) is x and distributed.all_agree(True) and not distributed.all_agree(False)
         assert not distributed.active()
+
+
+def test_run_with_two_processes_writes_the_single_process_table(tmp_path):
+    import json
+    import subprocess
+    import sys
+
+    def run(nproc: int) -> list[dict]:
+        out = tmp_path / f"nproc{nproc}"
+        command = [sys.executable, "-m", "auxilia.cli", "run", "toy", "--method", "uncertainty", "--method", "gcs",
+                   "--seeds", "1", "--max-steps", "60", "--out", str(out), "--no-plots", "--nproc", str(nproc)]
+        done = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300)
+        assert done.returncode == 0, done.stderr[-2000:]
+        return [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+
+    one, two = run(1), run(2)
+    assert [r["method"] for r in two] == [r["method"] for r in one]  # rank 0 alone wrote, once per run
+    for a, b in zip(one, two):
+        for split in ("val", "test"):
+            for key, value in a["metrics"][split].items():
+                assert b["metrics"][split][key] == pytest.approx(value, rel=1e-4), (a["method"], split, key)

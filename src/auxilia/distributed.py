@@ -95,15 +95,16 @@ def shard_bounds(n_global: int, rank_: int | None = None, world: int | None = No
 
 
 @contextmanager
-def sharded(n_local: int) -> Iterator[None]:
-    """Mark a step on this process's ``n_local`` samples of a global batch: inside, :func:`average`
-    returns global-batch values. One small all-reduce finds the global batch size."""
+def sharded(n_local: int, n_global: int | None = None) -> Iterator[None]:
+    """Mark a step on this process's ``n_local`` samples of a global batch of ``n_global``: inside,
+    :func:`average` returns global-batch values. Without ``n_global``, one small all-reduce finds it."""
     global _fraction
     if not is_distributed():
         yield
         return
-    sizes = _all_reduce(torch.tensor([float(n_local)], dtype=torch.float64))
-    previous, _fraction = _fraction, n_local / float(sizes.item())
+    if n_global is None:
+        n_global = int(_all_reduce(torch.tensor([float(n_local)], dtype=torch.float64)).item())
+    previous, _fraction = _fraction, n_local / float(n_global)
     try:
         yield
     finally:

@@ -201,8 +201,13 @@ class Trainer:
     def train_step(self, batch: Batch) -> dict[str, Any] | None:
         """One optimizer step on ``batch`` (this process's part of the global batch under torchrun);
         ``None`` when the step was skipped (non-finite)."""
-        with distributed.sharded(batch_length(batch)):
+        with distributed.sharded(batch_length(batch), self._global_batch_size()):
             return self._train_step(batch)
+
+    def _global_batch_size(self) -> int:
+        """The size of the global batch at ``batch_in_epoch`` (only the last of an epoch is short)."""
+        size = self.config.batch_size
+        return min(size, len(self.datasets["train"]) - self.batch_in_epoch * size)  # type: ignore[arg-type]
 
     def _train_step(self, batch: Batch) -> dict[str, Any] | None:
         inputs, targets, masks = to_device(batch, self.device)
@@ -233,9 +238,12 @@ class Trainer:
         if self.scheduler is not None:
             self.scheduler.step()
         info = dict(info)
-        values = distributed.average(torch.stack([losses[name].detach().float().mean() for name in self.tasks.names]))
+        values = torch.stack([losses[name].detach().float().mean() for name in self.tasks.names])
+        meta_due = self.method.meta_due()
+        if meta_due or (self.step + 1) % self.config.log_every == 0 or self.step == 0:  # this step is logged
+            values = distributed.average(values)
         info["losses"] = dict(zip(self.tasks.names, values.tolist()))
-        if self.method.meta_due():
+        if meta_due:
             with distributed.replicated():  # the same meta batch, in full, on every process
                 info["meta"] = self.method.meta_step(self._meta_context())
             # bit-identical replicas even where kernels are not deterministic (a label generator is the model's)
