@@ -39,6 +39,10 @@ EXTRA_CASES = {
     "mgda@batched": ("mgda", {"mode": "batched"}),
     "auxilearn@nonlinear": ("auxilearn", {"combiner": "nonlinear", "meta_every": 2, "meta_lr": 0.05}),
     "auxilearn@train-source": ("auxilearn", {"meta_every": 3, "meta_source": "train"}),
+    # a model that does not name its heads: methods find them by walking the losses' graphs
+    "uncertainty@undeclared-heads": ("uncertainty", {}),
+    "auxilearn@undeclared-heads": ("auxilearn", {"meta_every": 2, "meta_lr": 0.05}),
+    "pcgrad@undeclared-heads": ("pcgrad", {}),
 }
 
 
@@ -67,6 +71,8 @@ class Net(nn.Module):
     def shared_parameters(self):
         return list(self.encoder.parameters())
 
+
+class NetWithHeads(Net):
     def task_parameters(self):
         return list(self.heads.parameters())
 
@@ -109,7 +115,7 @@ def build(case: str, checkpoint_steps: int | None = None) -> Trainer:
     name, hp = cases()[case]
     torch.manual_seed(0)
     nas = case == "auxnas"
-    model = (NasNet() if nas else Net()).double()
+    model = (NasNet() if nas else Net() if case.endswith("@undeclared-heads") else NetWithHeads()).double()
     tasks = TASKS[:2] if nas else TASKS
     datasets = {"train": data(42, 1), "aux": data(20, 2), "test": data(16, 3)}  # no val: no reload at the end
     if nas:

@@ -194,8 +194,8 @@ class AuxiLearn(Method):
         if not distributed.all_agree(finite):
             raise NonFiniteLossError("combined", f"{self.name}: the combined objective is {float(objective.detach()):g}")
         if task_parameters is None:
-            torch.autograd.backward(stacked, slope)
             inputs = [*shared, *other_parameters(ordered, shared)] if distributed.active() else []
+            torch.autograd.backward(stacked, slope)
         else:
             inputs = [p for p in [*shared, *as_parameter_list(task_parameters, "task_parameters")] if p.requires_grad]
             torch.autograd.backward(stacked, slope, inputs=inputs)

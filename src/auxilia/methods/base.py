@@ -181,9 +181,9 @@ class LossWeighting(Method):
             raise NonFiniteLossError("combined", f"the combined objective is {float(objective.detach()):g}")
         own = [p for p in self.parameters() if p.requires_grad]
         if task_parameters is None:
+            # the leaves backward will reach, whose gradients are then averaged across processes
+            inputs = [*shared, *other_parameters(losses, shared), *own] if distributed.active() else []
             objective.backward()
-            if distributed.active():  # the leaves backward reached, to average their gradients
-                inputs = [*shared, *other_parameters(losses, shared), *own]
         else:
             inputs = [p for p in [*shared, *as_parameter_list(task_parameters, "task_parameters"), *own]]
             torch.autograd.backward(objective, inputs=[p for p in inputs if p.requires_grad])
