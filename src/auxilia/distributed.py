@@ -139,6 +139,29 @@ def average(tensor: Tensor) -> Tensor:
     return _all_reduce(tensor.detach() * _fraction)
 
 
+def average_all(tensors: Iterable[Tensor | None]) -> list[Tensor | None]:
+    """:func:`average` of several tensors (``None`` kept) in one all-reduce."""
+    tensors = list(tensors)
+    if _fraction is None:
+        return tensors
+    present = [t for t in tensors if t is not None]
+    if not present:
+        return tensors
+    dtype = torch.promote_types(present[0].dtype, torch.float32)
+    for t in present[1:]:
+        dtype = torch.promote_types(dtype, t.dtype)
+    flat = average(torch.cat([t.detach().reshape(-1).to(dtype) for t in present]))
+    out: list[Tensor | None] = []
+    offset = 0
+    for t in tensors:
+        if t is None:
+            out.append(None)
+            continue
+        out.append(flat[offset : offset + t.numel()].view_as(t).to(t.dtype))
+        offset += t.numel()
+    return out
+
+
 def total(tensor: Tensor) -> Tensor:
     """The sum over processes of a quantity already scaled to the global batch."""
     if _fraction is None:
@@ -235,6 +258,7 @@ __all__ = [
     "active",
     "all_agree",
     "average",
+    "average_all",
     "average_gradients",
     "barrier",
     "broadcast_object",

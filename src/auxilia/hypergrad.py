@@ -55,6 +55,7 @@ from collections.abc import Iterable, Sequence
 import torch
 from torch import Tensor
 
+from . import distributed
 from .gradients import as_parameter_list
 
 __all__ = [
@@ -132,8 +133,12 @@ def _translate(error: RuntimeError, stage: str) -> BaseException:
 
 
 def _grad(outputs, inputs, grad_outputs=None, *, retain_graph, create_graph=False, stage):
+    """torch.autograd.grad with errors translated. Under a sharded meta batch (several processes,
+    :func:`auxilia.distributed.sharded`) every value returned is the global batch's: each is linear
+    in the per-sample losses, so it is averaged here; gradients kept as graphs (``create_graph``)
+    stay local, and the products taken through them are averaged when they are evaluated."""
     try:
-        return torch.autograd.grad(
+        grads = torch.autograd.grad(
             outputs, inputs, grad_outputs=grad_outputs, retain_graph=retain_graph,
             create_graph=create_graph, allow_unused=True,
         )
@@ -142,6 +147,9 @@ def _grad(outputs, inputs, grad_outputs=None, *, retain_graph, create_graph=Fals
         if translated is error:
             raise
         raise translated from error
+    if create_graph or not distributed.active():
+        return grads
+    return tuple(distributed.average_all(grads))
 
 
 def _zeros_for_none(grads: Sequence[Tensor | None], like: Sequence[Tensor]) -> list[Tensor]:

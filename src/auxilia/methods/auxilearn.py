@@ -219,7 +219,8 @@ class AuxiLearn(Method):
             train_loss, val_loss, W, self.meta_parameters(),
             terms=self.neumann_terms, step_size=self.neumann_lr,
         )
-        info = {"val_loss": float(val_loss.detach()), "train_objective": float(train_loss.detach())}
+        values = distributed.average(torch.stack([val_loss.detach(), train_loss.detach().to(val_loss.dtype)]))
+        info = {"val_loss": float(values[0]), "train_objective": float(values[1])}
         return list(result), info
 
     def meta_step(self, context: MetaContext) -> dict[str, Any]:

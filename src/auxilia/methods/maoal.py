@@ -320,7 +320,7 @@ class MAOAL(Method):
                 train_grads.append(sum(g for _, g in pieces))
         val_batch = context.validation_batch(self.meta_source, self.name)
         val_loss = self.tasks.ordered(context.losses(val_batch))[0]
-        found = torch.autograd.grad(val_loss, active, allow_unused=True)
+        found = distributed.average_all(torch.autograd.grad(val_loss, active, allow_unused=True))
         g_val = [torch.zeros_like(p) if id(p) not in index or found[index[id(p)]] is None else found[index[id(p)]] for p in params]
         v, hvps = neumann_vector(train_grads, params, g_val, self.look_back - 1, context.learning_rate, scale_by_step=True)
         # the mixed derivative in closed form: ∂g_j/∂w_{k,m(j)} = s·1[w > 0]·∂ℓ_k/∂θ_j, so
@@ -332,8 +332,9 @@ class MAOAL(Method):
             for k, g in enumerate(per_task):
                 if k > 0 and g[index[id(p)]] is not None:
                     mixed[k, modules[j]] += (g[index[id(p)]].detach().double() * v[j].double()).sum()
+        mixed = distributed.average(mixed)  # each process dotted its own per-task gradients with v
         grad = -(self.scale * (self.w > 0).double() * mixed[1:]).to(self.w.dtype)
-        info = {"val_loss": float(val_loss.detach()), "backward_calls": float(len(train) + 1 + hvps)}
+        info = {"val_loss": float(distributed.average(val_loss.detach())), "backward_calls": float(len(train) + 1 + hvps)}
         return grad, info
 
     def _upper_step(self, grad: Tensor) -> None:

@@ -21,6 +21,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from .. import distributed
 from ..gradients import gram
 from ..hypergrad import neumann_vector
 from ..solvers import nash_bargaining, nash_sensitivity
@@ -196,7 +197,9 @@ class AuxiNash(NashMTL):
         losses = self.tasks.ordered(context.losses(context.train_batch()))
         per_task = [torch.autograd.grad(loss, W, create_graph=True, retain_graph=True, allow_unused=True) for loss in losses]
         per_task = [[torch.zeros_like(w) if g is None else g for g, w in zip(grads, W)] for grads in per_task]
-        flat = torch.stack([torch.cat([g.detach().reshape(-1) for g in grads]) for grads in per_task])
+        # the global meta batch's per-task gradients (the graphs in per_task stay local: the
+        # Hessian-vector products through them are averaged where they are evaluated)
+        flat = distributed.average(torch.stack([torch.cat([g.detach().reshape(-1) for g in grads]) for grads in per_task]))
         M, _ = self._solver_gram(flat)
         p = self.preferences.cpu().numpy()
         solution = nash_bargaining(M, p, warm_start=self.alpha.cpu().numpy())
@@ -205,13 +208,14 @@ class AuxiNash(NashMTL):
         train_grads = [sum(a[k] * per_task[k][i] for k in range(len(losses))) for i in range(len(W))]
         val_batch = context.validation_batch(self.meta_source, self.name)
         val_loss = self.tasks.ordered(context.losses(val_batch))[0]
-        g_val = [torch.zeros_like(w) if g is None else g for g, w in zip(torch.autograd.grad(val_loss, W, allow_unused=True), W)]
+        g_val = distributed.average_all(torch.autograd.grad(val_loss, W, allow_unused=True))
+        g_val = [torch.zeros_like(w) if g is None else g for g, w in zip(g_val, W)]
         v, _ = neumann_vector(train_grads, W, g_val, self.neumann_terms, self.neumann_lr)
         v_flat = torch.cat([x.reshape(-1) for x in v])
         dval_dalpha = -(flat.double() @ v_flat.double()).cpu().numpy()
         sensitivity = nash_sensitivity(M, p, alpha, solution.ridge)
         grad = torch.as_tensor(sensitivity.T @ dval_dalpha, dtype=torch.float64, device=self.preferences.device)
-        return grad, {"val_loss": float(val_loss.detach())}
+        return grad, {"val_loss": float(distributed.average(val_loss.detach()))}
 
     def meta_step(self, context: MetaContext) -> dict[str, Any]:
         with self.restored_on_failure():

@@ -16,8 +16,8 @@ method nothing but what :class:`~auxilia.methods.Method` declares. The model con
 
 Under ``torchrun`` (a process group of more than one process) each process trains on its contiguous
 part of every global batch and the method averages what it needs (see :mod:`auxilia.distributed`),
-so every process takes the step one process would take on the whole batch. Meta steps run in full on
-every process on the same meta batch; only rank 0 evaluates, logs and writes checkpoints.
+so every process takes the step one process would take on the whole batch; meta batches are shared
+out the same way. Only rank 0 evaluates, logs and writes checkpoints.
 """
 
 from __future__ import annotations
@@ -244,7 +244,7 @@ class Trainer:
             values = distributed.average(values)
         info["losses"] = dict(zip(self.tasks.names, values.tolist()))
         if meta_due:
-            with distributed.replicated():  # the same meta batch, in full, on every process
+            with distributed.sharded(1, self.world):  # meta batches are split in equal shares (see _meta_context)
                 info["meta"] = self.method.meta_step(self._meta_context())
             # bit-identical replicas even where kernels are not deterministic (a label generator is the model's)
             distributed.broadcast_state(self.model, self.method)
@@ -279,7 +279,8 @@ class Trainer:
 
         Every call draws a fresh batch (the n-th call of a split in this meta step is seeded by
         (seed, step, n)), so a method that takes its training and validation losses from two
-        ``train_batch()`` calls gets two different batches.
+        ``train_batch()`` calls gets two different batches. Under torchrun the batch is cut to a
+        multiple of the process count and each process takes an equal share of it.
         """
         step = self.step
         calls = {"train": 0, "aux": 0}
@@ -291,6 +292,11 @@ class Trainer:
             generator = torch.Generator().manual_seed(self.config.seed * 1_000_003 + step * 7 + salt)
             size = min(self.config.meta_batch_size or self.config.batch_size, len(dataset))
             indices = torch.randperm(len(dataset), generator=generator)[:size].tolist()
+            if self.world > 1:
+                if size < self.world:
+                    raise ValueError(f"the {split!r} split has {len(dataset)} samples, fewer than the {self.world} processes")
+                size -= size % self.world
+                indices = indices[slice(*distributed.shard_bounds(size))]
             if hasattr(dataset, "__getitems__"):
                 return dataset.__getitems__(indices)
             return as_batch(default_collate([dataset[i] for i in indices]))
