@@ -19,6 +19,7 @@ import platform
 import socket
 import statistics
 import sys
+import tempfile
 from functools import partial
 from pathlib import Path
 
@@ -70,9 +71,10 @@ def measure(tasks: int, steps: int, batch: int, repeats: int) -> dict[str, dict[
             result = t.fit()
             sent[method] = distributed.traffic()["bytes"] / steps
             times[method].append(result.time_per_step_s)
-    shared = sum(p.numel() for p in Net([f"t{k}" for k in range(tasks)]).encoder.parameters())
-    return {m: {"time_per_step_s": statistics.median(times[m]), "bytes_per_step": sent[m], "shared_parameters": shared}
-            for m in METHODS}
+    net = Net([f"t{k}" for k in range(tasks)])
+    sizes = {"shared_parameters": sum(p.numel() for p in net.encoder.parameters()),
+             "head_parameters": sum(p.numel() for p in net.heads.parameters())}
+    return {m: {"time_per_step_s": statistics.median(times[m]), "bytes_per_step": sent[m], **sizes} for m in METHODS}
 
 
 def _worker(rank: int, world: int, port: int, args: dict, out: str) -> None:
@@ -108,26 +110,26 @@ def main() -> None:
     args = parser.parse_args()
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    scratch = out.parent / (out.name + "_raw")
-    scratch.mkdir(exist_ok=True)
+    scratch = Path(tempfile.mkdtemp())  # the workers' reports
     settings = {"tasks": args.tasks, "steps": args.steps, "batch": args.batch, "repeats": args.repeats}
     one, many = run(1, settings, scratch), run(args.nproc, settings, scratch)
-    P = one["equal"]["shared_parameters"]
+    P, H = one["equal"]["shared_parameters"], one["equal"]["head_parameters"]
     rows = [
-        f"# Data-parallel cost, CNN (P = {P:,} shared parameters), K = {args.tasks}, global batch {args.batch}",
+        f"# Data-parallel cost, CNN (P = {P:,} shared and H = {H:,} head parameters), K = {args.tasks}, "
+        f"global batch {args.batch}",
         "",
         f"Machine: {platform.machine()} CPU, {os.cpu_count()} cores (shared), torch {torch.__version__}, gloo; "
         f"1 thread per process. Median of {args.repeats} interleaved runs of {args.steps} steps.",
         f"Command: `python benchmarks/distributed_cost.py --nproc {args.nproc} --tasks {args.tasks} "
         f"--steps {args.steps} --batch {args.batch} --repeats {args.repeats}`",
         "",
-        f"| method | MB all-reduced / step / process | ÷ (P·4 bytes) | step time {args.nproc} proc ÷ 1 proc | ÷ equal, 1 proc | ÷ equal, {args.nproc} proc |",
+        f"| method | MB all-reduced / step / process | ÷ 4(P + H) bytes | step time {args.nproc} proc ÷ 1 proc | ÷ equal, 1 proc | ÷ equal, {args.nproc} proc |",
         "|---|---|---|---|---|---|",
     ]
     for m in METHODS:
         b = many[m]["bytes_per_step"]
         rows.append(
-            f"| {m} | {b / 1e6:.3f} | {b / (4 * P):.2f} | "
+            f"| {m} | {b / 1e6:.3f} | {b / (4 * (P + H)):.2f} | "
             f"{many[m]['time_per_step_s'] / one[m]['time_per_step_s']:.2f} | "
             f"{one[m]['time_per_step_s'] / one['equal']['time_per_step_s']:.2f} | "
             f"{many[m]['time_per_step_s'] / many['equal']['time_per_step_s']:.2f} |"

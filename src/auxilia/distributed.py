@@ -9,8 +9,9 @@ With mean-reduced losses the global value is a weighted mean over processes::
     x_global = Σ_r (n_r / N) · x_r        (n_r samples on process r, N in the global batch)
 
 so a method calls :func:`average` exactly there, and the rest of its step runs identically on every
-process. Outside :func:`sharded` — one process, or a meta step that every process runs in full on the
-same meta batch — :func:`average` is the identity and costs nothing.
+process. Meta steps shard their batches the same way: the hypergradient's products are averaged
+where they are evaluated (:mod:`auxilia.hypergrad`). Outside :func:`sharded` — one process, or work
+every process repeats on the same data (:func:`replicated`) — :func:`average` is the identity.
 
 PyTorch's ``DistributedDataParallel`` wrapper is not used: it all-reduces inside ``backward`` once per
 backward pass, which for a gradient-aggregation method would average each task's gradient separately
