@@ -1,5 +1,8 @@
 """Under 2 gloo processes every method takes the single-process step with the global batch.
 
+This includes a step (or a meta step) whose batch holds a non-finite loss on one process only: every
+process must fail it together, or the others would wait for that process in their next all-reduce.
+
 One spawn of two processes trains every case below and saves what it ended with; the test trains the
 same cases in this process and compares parameters and method state. The models run in float64 so
 that a wrong reduction (a missing or double average, a local quantity where the global one belongs)
@@ -43,6 +46,10 @@ EXTRA_CASES = {
     "uncertainty@undeclared-heads": ("uncertainty", {}),
     "auxilearn@undeclared-heads": ("auxilearn", {"meta_every": 2, "meta_lr": 0.05}),
     "pcgrad@undeclared-heads": ("pcgrad", {}),
+    # a non-finite loss on one process's shard: every process skips the step, as one process would
+    "equal@nan-sample": ("equal", {}),
+    "mgda@nan-sample": ("mgda", {}),
+    "auxilearn@nan-sample": ("auxilearn", {"meta_every": 2, "meta_lr": 0.05}),
 }
 
 
@@ -118,16 +125,20 @@ def build(case: str, checkpoint_steps: int | None = None) -> Trainer:
     model = (NasNet() if nas else Net() if case.endswith("@undeclared-heads") else NetWithHeads()).double()
     tasks = TASKS[:2] if nas else TASKS
     datasets = {"train": data(42, 1), "aux": data(20, 2), "test": data(16, 3)}  # no val: no reload at the end
+    if case.endswith("@nan-sample"):
+        datasets["train"].targets["aux1"][5] = float("nan")
     if nas:
         datasets = {k: TaskDataset(v.inputs, {t: v.targets[t] for t in ("main", "aux1")}) for k, v in datasets.items()}
     # 42 samples in batches of 7: shards of 4 and 3, so the weighting of unequal shards is exercised
-    config = TrainerConfig(epochs=2, batch_size=7, seed=3, meta_batch_size=10, log_every=1)
+    config = TrainerConfig(epochs=2, batch_size=7, seed=3, meta_batch_size=10, log_every=1,
+                           nonfinite="skip" if case.endswith("@nan-sample") else "raise")
     return Trainer(model, methods.create(name, tasks, **hp), datasets, partial(torch.optim.SGD, lr=0.05, momentum=0.9), config,
                    scheduler=lambda opt, total: torch.optim.lr_scheduler.CosineAnnealingLR(opt, total))
 
 
 def final_state(trainer: Trainer) -> dict[str, torch.Tensor]:
-    state = {f"model.{k}": v.detach().clone() for k, v in trainer.model.state_dict().items()}
+    state = {"skipped": torch.tensor(trainer.skipped), "skipped_meta": torch.tensor(trainer.skipped_meta)}
+    state.update({f"model.{k}": v.detach().clone() for k, v in trainer.model.state_dict().items()})
     state.update({f"method.{k}": v.detach().clone() for k, v in trainer.method.state_dict().items()})
     return state
 
@@ -174,6 +185,8 @@ def test_two_processes_take_the_single_process_steps(two_process_results, case):
         assert got.keys() == expected.keys()
         for key, value in expected.items():
             torch.testing.assert_close(got[key], value, rtol=1e-5, atol=1e-8, msg=lambda m: f"{case}, rank {rank}, {key}: {m}")
+    assert int(expected["skipped"]) == (2 if case.endswith("@nan-sample") else 0)  # once per epoch
+    assert int(expected["skipped_meta"]) == (1 if case == "auxilearn@nan-sample" else 0)  # its meta batch met the NaN
     moved = build(case)
     assert any(not torch.equal(a, b) for a, b in zip(moved.model.state_dict().values(), trainer.model.state_dict().values()))
 

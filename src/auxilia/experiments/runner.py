@@ -151,6 +151,7 @@ def run_one(
         "weights_history": result.weights_history,
         "steps": result.steps,
         "skipped_steps": result.skipped_steps,
+        "skipped_meta_steps": result.skipped_meta_steps,
         "best_epoch": result.best_epoch,
         "time_per_step_s": result.time_per_step_s,
         "peak_memory_bytes": result.peak_memory_bytes,

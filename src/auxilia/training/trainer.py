@@ -62,6 +62,7 @@ class FitResult:
     time_per_step_s: float
     peak_memory_bytes: int
     stopped_early: bool = False
+    skipped_meta_steps: int = 0
 
     @property
     def primary_value(self) -> float:
@@ -172,6 +173,7 @@ class Trainer:
         self.epoch = 0
         self.batch_in_epoch = 0
         self.skipped = 0
+        self.skipped_meta = 0
         self.best_value: float | None = None
         self.best_epoch = -1
         self.best_state: dict[str, Tensor] | None = None
@@ -244,10 +246,22 @@ class Trainer:
             values = distributed.average(values)
         info["losses"] = dict(zip(self.tasks.names, values.tolist()))
         if meta_due:
+            info["meta"] = self._meta_step()
+        return info
+
+    def _meta_step(self) -> dict[str, Any]:
+        """The method's meta step; one that meets a non-finite loss or gradient leaves the method as
+        it was (its own guarantee) and, under ``nonfinite="skip"``, is skipped and counted."""
+        try:
             with distributed.sharded(1, self.world):  # meta batches are split in equal shares (see _meta_context)
-                info["meta"] = self.method.meta_step(self._meta_context())
-            # bit-identical replicas even where kernels are not deterministic (a label generator is the model's)
-            distributed.broadcast_state(self.model, self.method)
+                info = self.method.meta_step(self._meta_context())
+        except FloatingPointError:  # NonFiniteLossError included
+            if self.config.nonfinite == "raise":
+                raise
+            self.skipped_meta += 1
+            return {"skipped": 1.0}
+        # bit-identical replicas even where kernels are not deterministic (a label generator is the model's)
+        distributed.broadcast_state(self.model, self.method)
         return info
 
     def _losses_everywhere(self, outputs: Mapping[str, Tensor], targets: Mapping[str, Tensor], masks: Mapping[str, Tensor]) -> dict[str, Tensor]:
@@ -256,6 +270,8 @@ class Trainer:
         error: NonFiniteLossError | None = None
         try:
             losses = self.compute_losses(outputs, targets, masks)
+            if distributed.active():  # the check methods make later, made here by every process at once
+                self.tasks.ordered(losses, scalar=self.method.loss_reduction == "mean")
         except NonFiniteLossError as caught:
             error = caught
         if not distributed.all_agree(error is None):
@@ -306,7 +322,7 @@ class Trainer:
             self.model.train()
             with self._autocast():
                 _, outputs = self._forward(inputs)
-            return self.compute_losses(outputs, targets, masks)
+            return self._losses_everywhere(outputs, targets, masks)
 
         return MetaContext(
             losses=losses,
@@ -473,6 +489,7 @@ class Trainer:
             time_per_step_s=self._train_time / done,
             peak_memory_bytes=peak_memory_bytes(self.device),
             stopped_early=stopped,
+            skipped_meta_steps=self.skipped_meta,
         )
 
     def _record(self, info: Mapping[str, Any]) -> None:
@@ -505,7 +522,8 @@ class Trainer:
             "method": self.method.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
-            "counters": {"step": self.step, "epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch, "skipped": self.skipped},
+            "counters": {"step": self.step, "epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch, "skipped": self.skipped,
+                         "skipped_meta": self.skipped_meta},
             "selection": {"best_value": self.best_value, "best_epoch": self.best_epoch, "best_state": self.best_state},
             "weights_history": self.weights_history,
             "train_time": self._train_time,
@@ -526,6 +544,7 @@ class Trainer:
         counters = state["counters"]
         self.step, self.epoch = counters["step"], counters["epoch"]
         self.batch_in_epoch, self.skipped = counters["batch_in_epoch"], counters["skipped"]
+        self.skipped_meta = counters.get("skipped_meta", 0)
         selection = state["selection"]
         self.best_value, self.best_epoch, self.best_state = selection["best_value"], selection["best_epoch"], selection["best_state"]
         self.weights_history = list(state["weights_history"])
