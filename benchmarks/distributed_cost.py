@@ -28,11 +28,11 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 sys.path.insert(0, str(Path(__file__).parent))
-from step_cost import CNN  # noqa: E402  (the same model as the step-cost benchmark)
+from step_cost import CNN  # the same model as the step-cost benchmark
 
-from auxilia import Task, distributed, methods  # noqa: E402
-from auxilia.training import Trainer, TrainerConfig  # noqa: E402
-from auxilia.training.data import TaskDataset  # noqa: E402
+from auxilia import Task, distributed, methods
+from auxilia.training import Trainer, TrainerConfig
+from auxilia.training.data import TaskDataset
 
 METHODS = ["equal", "uncertainty", "dwa", "gradnorm", "pcgrad", "mgda", "cagrad", "nash-mtl", "maoal", "auxilearn"]
 
@@ -115,13 +115,13 @@ def main() -> None:
     one, many = run(1, settings, scratch), run(args.nproc, settings, scratch)
     P, H = one["equal"]["shared_parameters"], one["equal"]["head_parameters"]
     rows = [
-        f"# Data-parallel cost, CNN (P = {P:,} shared and H = {H:,} head parameters), K = {args.tasks}, "
-        f"global batch {args.batch}",
+        (f"# Data-parallel cost, CNN (P = {P:,} shared and H = {H:,} head parameters), K = {args.tasks}, "
+         f"global batch {args.batch}"),
         "",
-        f"Machine: {platform.machine()} CPU, {os.cpu_count()} cores (shared), torch {torch.__version__}, gloo; "
-        f"1 thread per process. Median of {args.repeats} interleaved runs of {args.steps} steps.",
-        f"Command: `python benchmarks/distributed_cost.py --nproc {args.nproc} --tasks {args.tasks} "
-        f"--steps {args.steps} --batch {args.batch} --repeats {args.repeats}`",
+        (f"Machine: {platform.machine()} CPU, {os.cpu_count()} cores (shared), torch {torch.__version__}, gloo; "
+         f"1 thread per process. Median of {args.repeats} interleaved runs of {args.steps} steps."),
+        (f"Command: `python benchmarks/distributed_cost.py --nproc {args.nproc} --tasks {args.tasks} "
+         f"--steps {args.steps} --batch {args.batch} --repeats {args.repeats}`"),
         "",
         f"| method | MB all-reduced / step / process | ÷ 4(P + H) bytes | step time {args.nproc} proc ÷ 1 proc | ÷ equal, 1 proc | ÷ equal, {args.nproc} proc |",
         "|---|---|---|---|---|---|",

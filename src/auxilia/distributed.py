@@ -70,6 +70,14 @@ def init_from_environment(device: str = "cpu") -> bool:
     return is_distributed()
 
 
+def _scratch_device() -> torch.device:
+    """Where small bookkeeping tensors (sizes, flags) must live for the group's backend: NCCL only
+    reduces CUDA tensors."""
+    if dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
 def _all_reduce(tensor: Tensor, op: Any = None) -> Tensor:
     _traffic["calls"] += 1
     _traffic["bytes"] += tensor.numel() * tensor.element_size()
@@ -104,7 +112,7 @@ def sharded(n_local: int, n_global: int | None = None) -> Iterator[None]:
         yield
         return
     if n_global is None:
-        n_global = int(_all_reduce(torch.tensor([float(n_local)], dtype=torch.float64)).item())
+        n_global = int(_all_reduce(torch.tensor([float(n_local)], dtype=torch.float64, device=_scratch_device())).item())
     previous, _fraction = _fraction, n_local / float(n_global)
     try:
         yield
@@ -175,7 +183,7 @@ def all_agree(ok: bool) -> bool:
     raising alone would leave the others waiting in their next all-reduce)."""
     if _fraction is None:
         return ok
-    flag = _all_reduce(torch.tensor([0.0 if ok else 1.0]))
+    flag = _all_reduce(torch.tensor([0.0 if ok else 1.0], device=_scratch_device()))
     return float(flag.item()) == 0.0
 
 
@@ -247,7 +255,9 @@ def gather_rows(local: Tensor, n_local: int) -> tuple[Tensor, int]:
         return local, 0
     K, width = local.shape
     per_sample = width // max(n_local, 1)
-    counts = _all_reduce(torch.zeros(world_size(), dtype=torch.float64).index_fill_(0, torch.tensor([rank()]), float(n_local)))
+    counts = torch.zeros(world_size(), dtype=torch.float64, device=_scratch_device())
+    counts[rank()] = float(n_local)
+    counts = _all_reduce(counts)
     counts_list = [int(c) for c in counts.tolist()]
     offset = sum(counts_list[: rank()]) * per_sample
     full = local.new_zeros(K, sum(counts_list) * per_sample)

@@ -512,7 +512,7 @@ class GradientCosineSimilarity(GradientAggregation):
     ):
         super().__init__(tasks, primary, mode, chunk_size)
         if not isinstance(weighted, bool):
-            raise ValueError(f"{self.name}: weighted must be True or False, got {weighted!r}")
+            raise ValueError(f"{self.name}: weighted must be True or False, got {weighted!r}")  # noqa: TRY004 (every bad hyperparameter is a ValueError)
         self.weighted = weighted
 
     def cosines(self, G: Tensor) -> np.ndarray:
