@@ -12,9 +12,9 @@ Several processes. Use :class:`AuxiliaryDDPStrategy` (Lightning's ``DDPStrategy`
 ``DistributedDataParallel`` wrapper). Its process group is the one :mod:`auxilia.distributed` sees, so
 each step runs inside :func:`auxilia.distributed.sharded` and the methods all-reduce exactly what
 they need (the global batch's losses, per-task gradients or ``.grad``); every process ends the step
-with the same parameters as one process on the whole global batch. Meta steps run in full on every
-process on the same seeded meta batches (:func:`auxilia.distributed.replicated`), after which rank
-0's method state is broadcast. Plain ``strategy="ddp"`` also trains correctly (Lightning keeps the
+with the same parameters as one process on the whole global batch. Meta steps share their seeded
+meta batches out the same way (:class:`~auxilia.training.data.MetaBatches`), after which rank 0's
+method state is broadcast. Plain ``strategy="ddp"`` also trains correctly (Lightning keeps the
 wrapper's reducer idle under manual optimization unless ``manual_backward`` is called, which this
 module never does), but pays for the wrapper's buckets and per-forward buffer broadcasts.
 
@@ -42,7 +42,8 @@ from . import distributed
 from .methods import create as create_method
 from .methods.base import MetaContext, Method
 from .tasks import NonFiniteLossError, Task
-from .training.data import Batch, as_batch, to_device
+from .training.data import Batch, MetaBatches, as_batch, to_device
+from .training.trainer import losses_on_every_process
 
 OptimizerFactory = Callable[[list[dict[str, Any]]], torch.optim.Optimizer]
 SchedulerFactory = Callable[[torch.optim.Optimizer, int], Any]
@@ -257,7 +258,7 @@ class AuxiliaryModule(pl.LightningModule):
             n_global = round(n_local / distributed.fraction())
             try:
                 representation, outputs = self.forward_tasks(inputs)
-                losses = self.compute_losses(outputs, targets, masks)
+                losses = losses_on_every_process(lambda: self.compute_losses(outputs, targets, masks), self.method)
                 info = self.method.backward(losses, self.shared_parameters(), self.task_parameters(), representation)
                 self._check_gradients(optimizer)
             except NonFiniteLossError:
@@ -280,8 +281,13 @@ class AuxiliaryModule(pl.LightningModule):
         logged = {f"train/{k}/loss": float(v) for k, v in zip(names, means.tolist())}
         logged.update(_numbers("train/", info))
         if self.method.meta_due():
-            with distributed.replicated():  # every process, the whole meta batch: no averaging
-                meta = self.method.meta_step(self.meta_context(step, n_global))
+            try:
+                with distributed.sharded(1, distributed.world_size()):  # equal shares of each meta batch
+                    meta = self.method.meta_step(self.meta_context(step, n_global))
+            except FloatingPointError:  # the method left its state as it was
+                if self.nonfinite == "raise":
+                    raise
+                meta = {"skipped": 1.0}
             distributed.broadcast_state(self.method)  # replicas bit for bit equal again
             self.log_event(_numbers("meta/", meta), step)
         weights = self.method.weights()
@@ -309,33 +315,23 @@ class AuxiliaryModule(pl.LightningModule):
                 logger.log_metrics(dict(values), step=step)
 
     def meta_context(self, step: int, default_size: int) -> MetaContext:
-        """The meta step's data, drawn like auxilia's Trainer: the n-th draw of a split in the meta
-        step after step ``step`` is seeded by (seed, step, n), so every process (and a single-process
-        run) draws the same batch."""
-        calls = {"train": 0, "aux": 0}
-        size = self.meta_batch_size or default_size
-
-        def draw(split: str, salt: int) -> Batch:
-            dataset = self._meta_dataset(split)
-            salt += 1_000 * calls[split]
-            calls[split] += 1
-            generator = torch.Generator().manual_seed(self.seed * 1_000_003 + step * 7 + salt)
-            indices = torch.randperm(len(dataset), generator=generator)[: min(size, len(dataset))].tolist()  # type: ignore[arg-type]
-            if hasattr(dataset, "__getitems__"):
-                return collate(dataset.__getitems__(indices))
-            return collate([dataset[i] for i in indices])
+        """The meta step's data, drawn as auxilia's Trainer draws it
+        (:class:`~auxilia.training.data.MetaBatches`), so every process, and a single-process run,
+        draws the same global batch."""
+        splits = {"train": self._meta_dataset("train"), **({"aux": self.meta_datasets["aux"]} if "aux" in self.meta_datasets else {})}
+        draws = MetaBatches(splits, self.meta_batch_size or default_size, seed=self.seed, step=step)
 
         def losses(batch: Batch) -> dict[str, Tensor]:
             inputs, targets, masks = to_device(as_batch(batch), self.device)
             self.model.train()
             _, outputs = self.forward_tasks(inputs)
-            return self.compute_losses(outputs, targets, masks)
+            return losses_on_every_process(lambda: self.compute_losses(outputs, targets, masks), self.method)
 
         heads = self.task_parameters()
         return MetaContext(
             losses=losses,
-            train_batch=lambda: draw("train", 1),
-            aux_batch=(lambda: draw("aux", 2)) if "aux" in self.meta_datasets else None,
+            train_batch=lambda: draws.draw("train"),
+            aux_batch=(lambda: draws.draw("aux")) if "aux" in splits else None,
             shared=self.shared_parameters(),
             heads=heads if heads is not None else [],
             learning_rate=float(self.optimizers().param_groups[0]["lr"]),

@@ -7,13 +7,13 @@ task names to tensors; a mask marks the samples that carry that task's label.
 from __future__ import annotations
 
 from collections.abc import Iterator, Mapping, Sequence
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, default_collate
 
-from ..distributed import shard_bounds
+from ..distributed import shard_bounds, world_size
 
 Batch = tuple[Any, dict[str, Tensor], dict[str, Tensor]]
 
@@ -102,6 +102,40 @@ def epoch_batches(
     loader = DataLoader(dataset, batch_sampler=batches, num_workers=num_workers)
     for batch in loader:
         yield as_batch(batch)
+
+
+class MetaBatches:
+    """Fresh random batches for the meta step taken after step ``step``: reproducible and resumable.
+
+    The n-th draw of a split is seeded by (seed, step, split, n), so a method that takes its training
+    and validation losses from two ``train`` draws gets two different batches, and every process
+    draws the same global batch. Under several processes it is cut to a multiple of their number and
+    each process takes an equal share (meta quantities are then plain means over processes).
+    """
+
+    SALTS: ClassVar[dict[str, int]] = {"train": 1, "aux": 2}
+
+    def __init__(self, datasets: Mapping[str, Dataset], size: int, *, seed: int, step: int):
+        self.datasets, self.size, self.seed, self.step = datasets, size, seed, step
+        self.calls = dict.fromkeys(self.SALTS, 0)
+
+    def draw(self, split: str) -> Batch:
+        dataset = self.datasets[split]
+        salt = self.SALTS[split] + 1_000 * self.calls[split]  # the first draw is what it always was
+        self.calls[split] += 1
+        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.step * 7 + salt)
+        n = len(dataset)  # type: ignore[arg-type]
+        size = min(self.size, n)
+        indices = torch.randperm(n, generator=generator)[:size].tolist()
+        world = world_size()
+        if world > 1:
+            if size < world:
+                raise ValueError(f"the {split!r} split has {n} samples, fewer than the {world} processes")
+            size -= size % world
+            indices = indices[slice(*shard_bounds(size))]
+        if hasattr(dataset, "__getitems__"):
+            return as_batch(dataset.__getitems__(indices))
+        return as_batch(default_collate([dataset[i] for i in indices]))
 
 
 def num_batches(dataset: Dataset, batch_size: int, drop_last: bool = False) -> int:

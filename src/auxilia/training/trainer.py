@@ -35,12 +35,12 @@ from typing import Any, Literal
 import numpy as np
 import torch
 from torch import Tensor, nn
-from torch.utils.data import Dataset, default_collate
+from torch.utils.data import Dataset
 
 from .. import distributed
 from ..methods.base import MetaContext, Method
 from ..tasks import NonFiniteLossError, TaskSet
-from .data import Batch, as_batch, batch_length, epoch_batches, num_batches, to_device
+from .data import Batch, MetaBatches, batch_length, epoch_batches, num_batches, to_device
 from .logging import RunLogger
 
 OptimizerFactory = Callable[[list[dict[str, Any]]], torch.optim.Optimizer]
@@ -265,18 +265,7 @@ class Trainer:
         return info
 
     def _losses_everywhere(self, outputs: Mapping[str, Tensor], targets: Mapping[str, Tensor], masks: Mapping[str, Tensor]) -> dict[str, Tensor]:
-        """The task losses, failing on every process when one process's are not finite (a process
-        raising alone would leave the others waiting in their next all-reduce)."""
-        error: NonFiniteLossError | None = None
-        try:
-            losses = self.compute_losses(outputs, targets, masks)
-            if distributed.active():  # the check methods make later, made here by every process at once
-                self.tasks.ordered(losses, scalar=self.method.loss_reduction == "mean")
-        except NonFiniteLossError as caught:
-            error = caught
-        if not distributed.all_agree(error is None):
-            raise error or NonFiniteLossError("another process", "a loss on another process is not finite")
-        return losses
+        return losses_on_every_process(lambda: self.compute_losses(outputs, targets, masks), self.method)
 
     def _check_shardable(self) -> None:
         if self.world == 1:
@@ -291,31 +280,8 @@ class Trainer:
             )
 
     def _meta_context(self) -> MetaContext:
-        """Meta batches are drawn at random, seeded by (seed, step): reproducible and resumable.
-
-        Every call draws a fresh batch (the n-th call of a split in this meta step is seeded by
-        (seed, step, n)), so a method that takes its training and validation losses from two
-        ``train_batch()`` calls gets two different batches. Under torchrun the batch is cut to a
-        multiple of the process count and each process takes an equal share of it.
-        """
-        step = self.step
-        calls = {"train": 0, "aux": 0}
-
-        def draw(split: str, salt: int):
-            dataset = self.datasets[split]
-            salt += 1_000 * calls[split]  # the first call draws what it always drew
-            calls[split] += 1
-            generator = torch.Generator().manual_seed(self.config.seed * 1_000_003 + step * 7 + salt)
-            size = min(self.config.meta_batch_size or self.config.batch_size, len(dataset))
-            indices = torch.randperm(len(dataset), generator=generator)[:size].tolist()
-            if self.world > 1:
-                if size < self.world:
-                    raise ValueError(f"the {split!r} split has {len(dataset)} samples, fewer than the {self.world} processes")
-                size -= size % self.world
-                indices = indices[slice(*distributed.shard_bounds(size))]
-            if hasattr(dataset, "__getitems__"):
-                return dataset.__getitems__(indices)
-            return as_batch(default_collate([dataset[i] for i in indices]))
+        """The meta step's data (:class:`~auxilia.training.data.MetaBatches`) and model access."""
+        draws = MetaBatches(self.datasets, self.config.meta_batch_size or self.config.batch_size, seed=self.config.seed, step=self.step)
 
         def losses(batch):
             inputs, targets, masks = to_device(batch, self.device)
@@ -326,8 +292,8 @@ class Trainer:
 
         return MetaContext(
             losses=losses,
-            train_batch=lambda: draw("train", 1),
-            aux_batch=(lambda: draw("aux", 2)) if "aux" in self.datasets else None,
+            train_batch=lambda: draws.draw("train"),
+            aux_batch=(lambda: draws.draw("aux")) if "aux" in self.datasets else None,
             shared=self.shared,
             heads=self.heads if self.heads is not None else [],
             learning_rate=float(self.optimizer.param_groups[0]["lr"]),
@@ -573,6 +539,24 @@ class Trainer:
         self.load_state_dict(state)
 
 
+def losses_on_every_process(compute: Callable[[], dict[str, Tensor]], method: Method) -> dict[str, Tensor]:
+    """``compute()``'s task losses, failing on every process when one process's are not finite.
+
+    A process raising alone would leave the others waiting in their next all-reduce, so under
+    several processes the finiteness check the method makes later is made here, and agreed on.
+    """
+    error: NonFiniteLossError | None = None
+    try:
+        losses = compute()
+        if distributed.active():
+            method.tasks.ordered(losses, scalar=method.loss_reduction == "mean")
+    except NonFiniteLossError as caught:
+        error = caught
+    if not distributed.all_agree(error is None):
+        raise error or NonFiniteLossError("another process", "a loss on another process is not finite")
+    return losses
+
+
 def peak_memory_bytes(device: torch.device) -> int:
     """Peak allocated CUDA memory on GPU; on CPU the process's peak resident set size."""
     if device.type == "cuda":
@@ -600,4 +584,4 @@ def _python_restore(state: Mapping[str, Any]) -> tuple:
     return (state["version"], tuple(state["internal"]), state["gauss"])
 
 
-__all__ = ["FitResult", "Trainer", "TrainerConfig", "peak_memory_bytes", "seed_everything"]
+__all__ = ["FitResult", "Trainer", "TrainerConfig", "losses_on_every_process", "peak_memory_bytes", "seed_everything"]
