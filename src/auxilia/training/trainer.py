@@ -253,7 +253,7 @@ class Trainer:
         """The method's meta step; one that meets a non-finite loss or gradient leaves the method as
         it was (its own guarantee) and, under ``nonfinite="skip"``, is skipped and counted."""
         try:
-            with distributed.sharded(1, self.world):  # meta batches are split in equal shares (see _meta_context)
+            with distributed.sharded(1, self.world):  # equal shares of each meta batch (MetaBatches)
                 info = self.method.meta_step(self._meta_context())
         except FloatingPointError:  # NonFiniteLossError included
             if self.config.nonfinite == "raise":
