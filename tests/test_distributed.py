@@ -242,3 +242,16 @@ def test_run_with_two_processes_writes_the_single_process_table(tmp_path):
         for split in ("val", "test"):
             for key, value in a["metrics"][split].items():
                 assert b["metrics"][split][key] == pytest.approx(value, rel=1e-4), (a["method"], split, key)
+
+
+def test_nproc_relaunches_under_torchrun_without_the_flag(monkeypatch):
+    from auxilia import cli
+
+    seen = []
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    monkeypatch.setattr(cli.subprocess, "call", lambda command: seen.append(command) or 0)
+    for flag in (["--nproc", "3"], ["--nproc=3"]):
+        assert cli.main(["run", "toy", *flag, "--seeds", "1"]) == 0
+        command = seen.pop()
+        assert command[1:5] == ["-m", "torch.distributed.run", "--standalone", "--nproc-per-node=3"]
+        assert command[5:] == ["-m", "auxilia.cli", "run", "toy", "--seeds", "1"]
