@@ -10,8 +10,8 @@ With mean-reduced losses the global value is a weighted mean over processes::
 
 so a method calls :func:`average` exactly there, and the rest of its step runs identically on every
 process. Meta steps shard their batches the same way: the hypergradient's products are averaged
-where they are evaluated (:mod:`auxilia.hypergrad`). Outside :func:`sharded` — one process, or work
-every process repeats on the same data (:func:`replicated`) — :func:`average` is the identity.
+where they are evaluated (:mod:`auxilia.hypergrad`). Outside :func:`sharded` (one process, or no step
+under way) :func:`average` is the identity.
 
 PyTorch's ``DistributedDataParallel`` wrapper is not used: it all-reduces inside ``backward`` once per
 backward pass, which for a gradient-aggregation method would average each task's gradient separately
@@ -120,17 +120,6 @@ def sharded(n_local: int, n_global: int | None = None) -> Iterator[None]:
         _fraction = previous
 
 
-@contextmanager
-def replicated() -> Iterator[None]:
-    """Mark work every process does in full on the same data (a meta step): no averaging inside."""
-    global _fraction
-    previous, _fraction = _fraction, None
-    try:
-        yield
-    finally:
-        _fraction = previous
-
-
 def active() -> bool:
     """Whether :func:`average` reduces across processes right now."""
     return _fraction is not None
@@ -169,13 +158,6 @@ def average_all(tensors: Iterable[Tensor | None]) -> list[Tensor | None]:
         out.append(flat[offset : offset + t.numel()].view_as(t).to(t.dtype))
         offset += t.numel()
     return out
-
-
-def total(tensor: Tensor) -> Tensor:
-    """The sum over processes of a quantity already scaled to the global batch."""
-    if _fraction is None:
-        return tensor
-    return _all_reduce(tensor.detach().clone())
 
 
 def all_agree(ok: bool) -> bool:
@@ -238,15 +220,6 @@ def destroy() -> None:
         dist.destroy_process_group()
 
 
-def broadcast_object(value: Any) -> Any:
-    """Rank 0's ``value`` on every process (small Python objects: decisions, not tensors)."""
-    if not is_distributed():
-        return value
-    box = [value]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
-
-
 def gather_rows(local: Tensor, n_local: int) -> tuple[Tensor, int]:
     """Concatenate per-sample blocks across processes: ``local`` is (K, n_local·D) with samples in
     row-major blocks; returns (K, N·D) in rank order and this process's column offset. Done as one
@@ -272,7 +245,6 @@ __all__ = [
     "average_all",
     "average_gradients",
     "barrier",
-    "broadcast_object",
     "broadcast_state",
     "destroy",
     "fraction",
@@ -281,11 +253,9 @@ __all__ = [
     "is_distributed",
     "is_main",
     "rank",
-    "replicated",
     "reset_traffic",
     "shard_bounds",
     "sharded",
-    "total",
     "traffic",
     "world_size",
 ]
