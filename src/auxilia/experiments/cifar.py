@@ -8,8 +8,10 @@ ConvNet; SGD lr 0.01 momentum 0.9 with cosine decay, batch 256, 200 epochs at bu
 their class label; the auxiliary tasks are label-free and use every training image: rotation
 prediction and colour-channel-permutation prediction (which of the 6 orders of R, G, B was applied —
 a cheap pretext task that needs colour statistics, chosen as the second self-supervised auxiliary).
-ResNet-18 (``backbone="resnet18"``) or MAOAL's ConvNet (``"convnet"``, for CPU runs); SGD lr 0.05
-momentum 0.9 weight decay 5e-4 with cosine decay, batch 128, 100 epochs at budget 1.
+ResNet-18 (``backbone="resnet18"``) or MAOAL's ConvNet (``"convnet"``, for CPU runs); SGD momentum
+0.9 weight decay 5e-4 with cosine decay, batch 128, 100 epochs at budget 1; lr 0.05 for ResNet-18
+(AuxiNash's setting) and 0.01 for the ConvNet (MAOAL's setting for it: at 0.05 the ConvNet with
+half its batch unlabelled stays at chance).
 
 Both: 45,000 train / 1,000 aux / 4,000 val from CIFAR-10's training set (seed 0, fixed across runs),
 test = CIFAR-10's test set. ``train_size`` subsamples the training split for CPU runs; ``eval_size``
@@ -112,11 +114,12 @@ def build_ssl(
     model = SelfSupervisedViews(encoder, heads, "label")
     tasks = [Task.classification("label", role="primary"), Task.classification("rotation"), Task.classification("colour")]
     epochs = max(1, round(100 * budget))
+    lr = 0.05 if backbone == "resnet18" else 0.01
     return Setup(
         model=model, tasks=tasks, datasets=datasets,
-        optimizer=partial(torch.optim.SGD, lr=0.05, momentum=0.9, weight_decay=5e-4), scheduler=_cosine,
+        optimizer=partial(torch.optim.SGD, lr=lr, momentum=0.9, weight_decay=5e-4), scheduler=_cosine,
         config=TrainerConfig(epochs=epochs, batch_size=128, eval_batch_size=500, seed=seed),
-        notes=f"{labels} labels, {backbone}; SGD 0.05 m0.9 wd5e-4 cosine, batch 128, {epochs} epochs; train_size={train_size}, eval_size={eval_size}",
+        notes=f"{labels} labels, {backbone}; SGD {lr} m0.9 wd5e-4 cosine, batch 128, {epochs} epochs; train_size={train_size}, eval_size={eval_size}",
     )
 
 
