@@ -352,6 +352,15 @@ def test_a_method_by_name_needs_its_tasks():
         AuxiliaryModule(toy_model(), methods.create("equal", toy_tasks()), SGD, tasks=toy_tasks())
 
 
+def test_a_model_with_its_own_training_rule_is_refused_with_a_clear_error():
+    class OwnRule(SharedLinear):
+        def own_step(self, losses, **kw):
+            return None
+
+    with pytest.raises(TypeError, match="own_step.*auxilia's Trainer"):
+        AuxiliaryModule(OwnRule([t for t in TOY_TASKS]), "equal", SGD, tasks=toy_tasks())
+
+
 def test_masked_metrics_average_over_the_labelled_samples(tmp_path):
     val = toy_data(20, 2, torch.float32)
     labelled = torch.arange(20) < 5  # the second batch of 10 has no label for 'helpful'

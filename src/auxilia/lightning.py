@@ -184,7 +184,10 @@ class AuxiliaryModule(pl.LightningModule):
         if method.needs_representation and not hasattr(model, "forward_with_representation"):
             raise TypeError(f"{method.name}: mode='representation' needs model.forward_with_representation(x)")
         if hasattr(model, "own_step"):
-            raise NotImplementedError("models with their own training rule (own_step) need auxilia's Trainer")
+            raise TypeError(
+                f"{type(model).__name__} trains some parameters by its own rule (own_step, e.g. Aux-NAS's "
+                "architecture weights), which AuxiliaryModule does not drive: train it with auxilia's Trainer"
+            )
         unknown = sorted(set(meta_datasets or {}) - {"train", "aux"})
         if unknown:
             raise ValueError(f"meta_datasets takes 'train' and 'aux', got {unknown[0]!r}")
