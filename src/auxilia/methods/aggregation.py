@@ -57,14 +57,14 @@ def normalized_gram(G: Tensor) -> tuple[np.ndarray, float]:
     """(M / σ², σ): the float64 Gram matrix of G's rows divided by its largest diagonal entry σ²
     (σ is the largest row norm).
 
-    When the product would over- or underflow in the precision it is formed in (entries far
-    beyond 1e±15 in float32), G is first divided by its largest entry. An all-zero G gives a zero
-    matrix and σ = 0; a G holding NaN or Inf gives a NaN matrix and σ = NaN.
+    The Gram matrix is accumulated in float64, which holds that of any float32 G; a float64 G
+    with entries beyond about 1e±150 is first divided by its largest entry. An all-zero G gives
+    a zero matrix and σ = 0; a G holding NaN or Inf gives a NaN matrix and σ = NaN.
     """
     M = gram(G).cpu().numpy()
     top = float(np.max(np.diag(M))) if M.size else 0.0
     peak = 1.0
-    working = torch.finfo(torch.float64 if G.dtype == torch.float64 else torch.float32)
+    working = np.finfo(np.float64)
     if not (math.isfinite(top) and np.all(np.isfinite(M))) or top < working.tiny / working.eps:
         peak = float(G.detach().abs().max()) if G.numel() else 0.0
         if not math.isfinite(peak):
@@ -79,34 +79,10 @@ def normalized_gram(G: Tensor) -> tuple[np.ndarray, float]:
     return 0.5 * (A + A.T), math.sqrt(top) * peak
 
 
-def _precision(G: Tensor) -> float:
-    """Relative precision of the Gram matrix of G's rows (formed in G's precision, at least
-    float32)."""
-    dtype = G.dtype if G.dtype in (torch.float32, torch.float64) else torch.float32
-    return float(torch.finfo(dtype).eps)
-
-
-def _solver_matrix(A: np.ndarray, G: Tensor) -> np.ndarray:
-    """A as the convex solvers need it: positive semidefinite, and free of directions it cannot
-    resolve. A Gram matrix formed in float32 is known only to about 1e-7 of its largest entry: its
-    eigenvalues below 64 ε (some of them negative) are noise, and are set to zero — otherwise a
-    solver may follow such a direction to weights of size 1/ε that cancel only in the noisy Gram
-    matrix, not in G. In float64 that noise is far below the solvers' tolerance and A is used as is.
-    """
-    if G.dtype == torch.float64:
-        return A
-    values, vectors = np.linalg.eigh(A)
-    floor = 64.0 * _precision(G) * max(float(values[-1]), 0.0)
-    if values[0] >= floor:
-        return A
-    B = (vectors * np.where(values >= floor, values, 0.0)) @ vectors.T
-    return 0.5 * (B + B.T)
-
-
-def _kink_threshold(G: Tensor) -> float:
+def _kink_threshold() -> float:
     """Below this squared distance (normalized units) a face's affine hull is taken to contain 0:
-    the Gram matrix of gradients in precision ε is itself only known to about ε."""
-    return 64.0 * _precision(G)
+    the float64 Gram matrix (:func:`auxilia.gradients.gram`) is itself only known to about ε."""
+    return 64.0 * float(np.finfo(np.float64).eps)
 
 
 def _coefficients(values: np.ndarray, like: Tensor) -> Tensor:
@@ -578,7 +554,7 @@ class MGDA(GradientAggregation):
             A = A * np.outer(inverse, inverse)
             A = 0.5 * (A + A.T)
             inverse = inverse / top
-        w = min_norm_weights(_solver_matrix(A, G), start=self._warm.cpu().numpy())
+        w = min_norm_weights(A, start=self._warm.cpu().numpy())
         self._warm = torch.as_tensor(w, dtype=torch.float64, device=self._warm.device)
         return _coefficients(w * inverse, G)
 
@@ -629,8 +605,7 @@ class CAGrad(GradientAggregation):
         mean = np.full(K, 1.0 / K)
         if top == 0.0 or self.c == 0.0:
             return _coefficients(mean / divisor, G)
-        A = _solver_matrix(A, G)
-        solution = cagrad_dual(A, self.c, self._warm.cpu().numpy(), kink=_kink_threshold(G))
+        solution = cagrad_dual(A, self.c, self._warm.cpu().numpy(), kink=_kink_threshold())
         self._warm = torch.as_tensor(solution.w, dtype=torch.float64, device=self._warm.device)
         if solution.correction is not None:
             coefficients = mean + solution.correction

@@ -30,7 +30,7 @@ import torch
 from torch import Tensor, nn
 
 from .. import distributed
-from ..gradients import as_parameter_list, other_parameters
+from ..gradients import accumulate, all_finite, as_parameter_list, step_parameters
 from ..hypergrad import hypergradient
 from ..tasks import NonFiniteLossError, Task, TaskError
 from .base import MetaContext, Method, check_meta_source
@@ -182,23 +182,23 @@ class AuxiLearn(Method):
         task_parameters: Iterable[Tensor] | None = None,
         representation: Tensor | None = None,
     ) -> dict[str, Any]:
-        """One backward of L_T = φ(losses); losses may be scalars or unreduced (per sample / pixel)."""
+        """One backward of L_T = φ(losses); losses may be scalars or unreduced (per sample / pixel).
+
+        Validated and refused as :meth:`Method.backward` says."""
         ordered = self.tasks.ordered(losses, scalar=False)
-        shared = as_parameter_list(shared_parameters)
         stacked = self.stack(ordered)
+        shared, heads = step_parameters(ordered, shared_parameters, task_parameters, self.task_names)
         leaf = stacked.detach().requires_grad_(True)
         with torch.enable_grad():
             objective = self.combiner(leaf)
             (slope,) = torch.autograd.grad(objective, leaf)
-        finite = bool(torch.isfinite(objective.detach())) and bool(torch.isfinite(slope).all())
+        inputs = [*shared, *heads]
+        # into temporaries first: nothing reaches .grad unless every entry is finite everywhere
+        grads = torch.autograd.grad(stacked, inputs, slope, allow_unused=True)
+        finite = bool(torch.isfinite(objective.detach())) and all_finite([slope, *grads])
         if not distributed.all_agree(finite):
-            raise NonFiniteLossError("combined", f"{self.name}: the combined objective is {float(objective.detach()):g}")
-        if task_parameters is None:
-            inputs = [*shared, *other_parameters(ordered, shared)] if distributed.active() else []
-            torch.autograd.backward(stacked, slope)
-        else:
-            inputs = [p for p in [*shared, *as_parameter_list(task_parameters, "task_parameters")] if p.requires_grad]
-            torch.autograd.backward(stacked, slope, inputs=inputs)
+            raise NonFiniteLossError("combined", f"{self.name}: the combined objective ({float(objective.detach()):g}) or its gradient is not finite")
+        accumulate(grads, inputs)
         # the combiner acts per sample (or on batch means), so its gradient averages like a loss's
         distributed.average_gradients(dict.fromkeys(inputs))
         effective = slope if slope.dim() == 1 else slope.transpose(0, 1).reshape(self.num_tasks, -1).sum(dim=1)

@@ -22,7 +22,15 @@ import torch
 from torch import Tensor, nn
 
 from .. import distributed
-from ..gradients import as_parameter_list, check_mode, jacobian, other_parameters, write_gradient
+from ..gradients import (
+    accumulate,
+    all_finite,
+    check_mode,
+    combine,
+    jacobian,
+    step_parameters,
+    write_gradient,
+)
 from ..tasks import NonFiniteLossError, Task, TaskSet
 
 
@@ -91,14 +99,26 @@ class Method(nn.Module, metaclass=abc.ABCMeta):
         """Fill ``.grad`` for an ordinary ``optimizer.step()``; return what was decided.
 
         ``task_parameters`` are the task-specific parameters (heads); when omitted they are found by
-        walking the losses' graphs. Raises :class:`~auxilia.tasks.NonFiniteLossError` naming the task
-        before anything is written when a loss or gradient is not finite.
+        walking the losses' graphs. Frozen tensors (``requires_grad=False``) are skipped. Refused
+        with a ``ValueError`` before anything changes (see :func:`auxilia.gradients.step_parameters`):
+        empty ``shared_parameters`` (e.g. an exhausted generator), a tensor given twice (in one
+        list or in both: it is not de-duplicated, since that hides a wrong split of the model),
+        every shared tensor frozen, and a loss that reaches no trainable tensor. Raises
+        :class:`~auxilia.tasks.NonFiniteLossError` (naming the task where it is known) when a loss
+        or a gradient is not finite, before any ``.grad`` is written and with the method's state
+        as it was.
         """
         ordered = self.tasks.ordered(losses)
+        shared, heads = step_parameters(ordered, shared_parameters, task_parameters, self.task_names, self.ignored_tasks)
         with self.restored_on_failure():
-            info = self._backward(ordered, as_parameter_list(shared_parameters), task_parameters, representation)
+            info = self._backward(ordered, shared, heads, representation)
         self.steps += 1
         return info
+
+    @property
+    def ignored_tasks(self) -> tuple[int, ...]:
+        """Positions (in task order) of the losses this method never reads; they may be detached."""
+        return ()
 
     @contextmanager
     def restored_on_failure(self) -> Iterator[None]:
@@ -115,10 +135,11 @@ class Method(nn.Module, metaclass=abc.ABCMeta):
         self,
         losses: list[Tensor],
         shared: list[Tensor],
-        task_parameters: Iterable[Tensor] | None,
+        heads: list[Tensor],
         representation: Tensor | None,
     ) -> dict[str, Any]:
-        """Write ``.grad`` from the ordered losses; the public :meth:`backward` validates and restores.
+        """Write ``.grad`` from the ordered losses into the trainable ``shared`` tensors and the
+        task-specific ``heads``; the public :meth:`backward` validates and restores.
 
         Subclasses implement this, or override :meth:`backward` itself when they take losses in
         another form (e.g. unreduced)."""
@@ -175,20 +196,20 @@ class LossWeighting(Method):
     def weights(self) -> dict[str, float]:
         return self._as_dict(self.task_weights())
 
-    def _backward(self, losses, shared, task_parameters, representation):
-        objective = self.combine(torch.stack(losses))
-        if not distributed.all_agree(bool(torch.isfinite(objective.detach()))):
-            raise NonFiniteLossError("combined", f"the combined objective is {float(objective.detach()):g}")
+    def _backward(self, losses, shared, heads, representation):
+        ignored = set(self.ignored_tasks)  # no backward into losses the objective does not read
+        objective = self.combine(torch.stack([x.detach() if k in ignored else x for k, x in enumerate(losses)]))
         own = [p for p in self.parameters() if p.requires_grad]
-        if task_parameters is None:
-            # the leaves backward will reach, whose gradients are then averaged across processes
-            inputs = [*shared, *other_parameters(losses, shared), *own] if distributed.active() else []
-            objective.backward()
-        else:
-            inputs = [p for p in [*shared, *as_parameter_list(task_parameters, "task_parameters"), *own]]
-            torch.autograd.backward(objective, inputs=[p for p in inputs if p.requires_grad])
+        inputs = list({id(p): p for p in [*shared, *heads, *own]}.values())
+        # into temporaries first: nothing reaches .grad unless every entry is finite everywhere
+        grads = torch.autograd.grad(objective, inputs, allow_unused=True)
+        finite_objective = bool(torch.isfinite(objective.detach()))
+        if not distributed.all_agree(finite_objective and all_finite(grads)):
+            detail = "objective" if not finite_objective else "objective's gradient"
+            raise NonFiniteLossError("combined", f"{self.name}: the combined {detail} is not finite (objective {float(objective.detach()):g})")
+        accumulate(grads, inputs)
         if distributed.active():
-            distributed.average_gradients(dict.fromkeys(inputs))  # one reduction, P floats (as DDP)
+            distributed.average_gradients(inputs)  # one reduction, P floats (as DDP)
             objective = distributed.average(objective.detach())
         return {"weights": self.weights(), "objective": float(objective.detach())}
 
@@ -227,7 +248,7 @@ class GradientAggregation(Method):
             )
         coefficients = self._coefficients(G)
         self.last_weights = coefficients.detach().to(self.last_weights)
-        return coefficients.to(G.dtype) @ G
+        return combine(coefficients, G)
 
     @abc.abstractmethod
     def _coefficients(self, G: Tensor) -> Tensor:
@@ -236,7 +257,7 @@ class GradientAggregation(Method):
     def weights(self) -> dict[str, float]:
         return self._as_dict(self.last_weights)
 
-    def _backward(self, losses, shared, task_parameters, representation):
+    def _backward(self, losses, shared, heads, representation):
         if self.mode == "representation":
             if representation is None:
                 raise ValueError(
@@ -247,16 +268,10 @@ class GradientAggregation(Method):
                 raise ValueError(f"{self.name}: the representation does not require grad")
             targets: Sequence[Tensor] = [representation]
             how = "loop"
+            heads = [p for p in heads if p is not representation]
         else:
             targets = shared
             how = self.mode
-        heads = (
-            other_parameters(losses, shared)
-            if task_parameters is None
-            else as_parameter_list(task_parameters, "task_parameters")
-        )
-        if self.mode == "representation":
-            heads = [p for p in heads if p is not representation]
         # The heads ride along in the same K backward passes: their gradient is the column sum.
         width = sum(t.numel() for t in targets)
         full = jacobian(losses, [*targets, *heads], how, self.chunk_size, retain_graph=True)
@@ -269,20 +284,28 @@ class GradientAggregation(Method):
         else:
             full = distributed.average(full)  # K·P floats: the global batch's per-task gradients
             G, head_rows = full[:, :width], full[:, width:]
+        # the same matrix on every process: checked before a solver reads it; one reduction as the
+        # fast check, the exact element-wise one only when the sum is not finite
+        if not bool(torch.isfinite(full.sum())) and not bool(torch.isfinite(full).all()):
+            bad = self.task_names[int((~torch.isfinite(full).all(dim=1)).nonzero()[0])]
+            raise NonFiniteLossError(bad, f"{self.name}: the gradient of task {bad!r} is not finite")
         direction = self.aggregate(G)
         head_gradient = head_rows.sum(dim=0)
-        # one reduction as the fast check; a non-finite sum triggers the exact, element-wise one
-        suspicious = not bool(torch.isfinite(direction.sum() + head_gradient.sum()))
-        if suspicious and not (bool(torch.isfinite(direction).all()) and bool(torch.isfinite(head_gradient).all())):
-            rows = torch.isfinite(full).all(dim=1)
-            bad = self.task_names[int((~rows).nonzero()[0])] if not bool(rows.all()) else "combined"
-            raise NonFiniteLossError(bad, f"{self.name}: the gradient of task {bad!r} is not finite")
-        if heads:
-            write_gradient(head_gradient, heads)
+        if not all_finite([direction, head_gradient]):
+            raise NonFiniteLossError("combined", f"{self.name}: the combined update is not finite")
         if self.mode == "representation":
             local = direction[offset : offset + width].view_as(representation)
-            torch.autograd.backward(representation, local, inputs=shared)
-            distributed.average_gradients(shared, scale=1.0)  # each process pulled back its own rows
+            pulled = torch.autograd.grad(representation, shared, local, allow_unused=True)
+            if distributed.active():  # each process pulled back its own rows: their sum, everywhere
+                share = distributed.fraction()
+                pulled = distributed.average_all([None if g is None else g / share for g in pulled])
+            if not all_finite(pulled):
+                raise NonFiniteLossError("combined", f"{self.name}: the update pulled back through the encoder is not finite")
+            if heads:
+                write_gradient(head_gradient, heads)
+            accumulate(pulled, shared)
         else:
+            if heads:
+                write_gradient(head_gradient, heads)
             write_gradient(direction, shared)
         return {"weights": self.weights()}

@@ -180,7 +180,7 @@ class MAOAL(Method):
         self.register_buffer("upper_steps", torch.zeros((), dtype=torch.long))
         self.register_buffer("last_meta_grad_norm", torch.zeros(()))
         self.module_names: list[str] = []
-        self._bound: list[int] = []  # ids of the shared tensors the map was built for
+        self._bound: list[Tensor] = []  # the shared tensors the map was built for, in order
 
     # ------------------------------------------------------------------ module map
     @property
@@ -225,29 +225,31 @@ class MAOAL(Method):
             self.upper_v = torch.zeros(A, M, device=device, dtype=dtype)
             self.module_of = index.to(device)
         self.module_names = module_names
-        self._bound = [id(p) for _, p in pairs]
+        self._bound = [p for _, p in pairs]
         return self
 
-    def _check_bound(self, shared: Sequence[Tensor]) -> None:
-        ids = [id(p) for p in shared]
-        if self._bound:
-            if ids != self._bound:
+    def _check_bound(self, shared: Sequence[Tensor]) -> list[int]:
+        """The module of each of ``shared`` (the attached tensors; frozen ones may be left out)."""
+        if not self._bound:
+            if self.modules_spec == "parameter":
+                self.attach([(f"param{i}", p) for i, p in enumerate(shared)])
+            elif self.num_modules > 0 and len(self.module_of) == len(shared):
+                # restored from a checkpoint without attach: the map is in ``module_of``, the names are not
+                self._bound = list(shared)
+                self.module_names = [f"module{m}" for m in range(self.num_modules)]
+            else:
                 raise ValueError(
-                    f"{self.name}: the shared parameters differ from those the module map was built for "
-                    f"({len(self._bound)} tensors attached, {len(shared)} given); call attach again"
+                    f"{self.name}: the module map is unknown; call method.attach_model(model) (the Trainer "
+                    f"does) or method.attach(named_shared_parameters), or use modules='parameter'"
                 )
-            return
-        if self.modules_spec == "parameter":
-            self.attach([(f"param{i}", p) for i, p in enumerate(shared)])
-        elif self.num_modules > 0 and len(self.module_of) == len(shared):
-            # restored from a checkpoint without attach: the map is in ``module_of``, the names are not
-            self._bound = ids
-            self.module_names = [f"module{m}" for m in range(self.num_modules)]
-        else:
+        expected = [id(p) for p in self._bound if p.requires_grad]
+        if [id(p) for p in shared if p.requires_grad] != expected:
             raise ValueError(
-                f"{self.name}: the module map is unknown; call method.attach_model(model) (the Trainer "
-                f"does) or method.attach(named_shared_parameters), or use modules='parameter'"
+                f"{self.name}: the shared parameters differ from those the module map was built for "
+                f"({len(self._bound)} tensors attached, {len(shared)} given); call attach again"
             )
+        module_of = dict(zip((id(p) for p in self._bound), self.module_of.tolist()))
+        return [module_of[id(p)] for p in shared]
 
     def coefficients(self) -> Tensor:
         """(K, M) weights applied per task and module: 1 for the primary, s·relu(w) for the rest."""
@@ -255,25 +257,26 @@ class MAOAL(Method):
         return torch.cat([ones, self.scale * torch.relu(self.w)])
 
     # ------------------------------------------------------------------ lower step
-    def aggregate(self, G: Tensor, sizes: Sequence[int]) -> Tensor:
-        """(K, P) Jacobian on the shared tensors (``sizes`` numels, in attach order) -> (P,) direction."""
+    def aggregate(self, G: Tensor, sizes: Sequence[int], modules: Sequence[int] | None = None) -> Tensor:
+        """(K, P) Jacobian on the shared tensors (``sizes`` numels) -> (P,) direction; ``modules`` is
+        each tensor's module (default: all attached tensors, in attach order)."""
         if G.dim() != 2 or G.shape[0] != self.num_tasks:
             raise ValueError(f"{self.name}: expected a ({self.num_tasks}, P) matrix for tasks {self.task_names}, got {tuple(G.shape)}")
-        if len(sizes) != len(self.module_of) or sum(sizes) != G.shape[1]:
-            raise ValueError(f"{self.name}: {len(sizes)} tensors of {sum(sizes)} entries do not match the module map ({len(self.module_of)} tensors) or G ({G.shape[1]} columns)")
+        modules = self.module_of.tolist() if modules is None else list(modules)
+        if len(sizes) != len(modules) or sum(sizes) != G.shape[1]:
+            raise ValueError(f"{self.name}: {len(sizes)} tensors of {sum(sizes)} entries do not match the module map ({len(modules)} tensors) or G ({G.shape[1]} columns)")
         C = self.coefficients().to(G.dtype)
         out = G.new_empty(G.shape[1])
-        for piece, rows, m in zip(torch.split(out, list(sizes)), torch.split(G, list(sizes), dim=1), self.module_of.tolist()):
+        for piece, rows, m in zip(torch.split(out, list(sizes)), torch.split(G, list(sizes), dim=1), modules):
             torch.mv(rows.T, C[:, m], out=piece)
         return out
 
-    def _backward(self, losses, shared, task_parameters, representation):
-        self._check_bound(shared)
-        heads = other_parameters(losses, shared) if task_parameters is None else as_parameter_list(task_parameters, "task_parameters")
+    def _backward(self, losses, shared, heads, representation):
+        modules = self._check_bound(shared)
         sizes = [p.numel() for p in shared]
         width = sum(sizes)
         full = distributed.average(jacobian(losses, [*shared, *heads], self.mode, self.chunk_size, retain_graph=False))
-        direction = self.aggregate(full[:, :width], sizes)
+        direction = self.aggregate(full[:, :width], sizes, modules)
         head_gradient = full[:, width:].sum(dim=0)
         if not bool(torch.isfinite(direction.sum() + head_gradient.sum())):
             rows = torch.isfinite(full).all(dim=1)
@@ -298,7 +301,7 @@ class MAOAL(Method):
 
     def _meta_gradient(self, context: MetaContext) -> tuple[Tensor, dict[str, Any]]:
         shared = as_parameter_list(context.shared)
-        self._check_bound(shared)
+        modules = self._check_bound(shared)
         train = self.tasks.ordered(context.losses(context.train_batch()))
         heads = list(context.heads) or other_parameters(train, shared)
         params = [*shared, *heads]
@@ -306,7 +309,6 @@ class MAOAL(Method):
         index = {id(p): i for i, p in enumerate(active)}
         C = self.coefficients().detach()
         per_task = [torch.autograd.grad(loss, active, create_graph=True, allow_unused=True) for loss in train]
-        modules = self.module_of.tolist()
         # the lower-step direction g(θ) with the graph kept for Hessian-vector products
         train_grads: list[Tensor | None] = []
         for j, p in enumerate(params):

@@ -22,10 +22,11 @@ import torch
 from torch import Tensor
 
 from .. import distributed
-from ..gradients import gram
+from ..gradients import combine
 from ..hypergrad import neumann_vector
-from ..solvers import nash_bargaining, nash_sensitivity
+from ..solvers import NashSolution, nash_bargaining, nash_sensitivity
 from ..tasks import Task
+from .aggregation import normalized_gram
 from .base import GradientAggregation, MetaContext, check_meta_source
 from .registry import register
 
@@ -81,19 +82,31 @@ class NashMTL(GradientAggregation):
         self.register_buffer("residual", torch.zeros((), dtype=torch.float64))
 
     def _solver_gram(self, G: Tensor) -> tuple[np.ndarray, float]:
-        """The matrix the bargaining is solved on, and the factor it was divided by."""
-        M = gram(G).cpu().numpy()
-        norm = float(np.linalg.norm(M)) if self.gram_normalization == "frobenius" else 1.0
-        return (M / norm, norm) if norm > 0 else (M, 1.0)
+        """The matrix the bargaining is solved on, and the factor f with α = f · (its solution).
+
+        It is built from the Gram matrix divided by its largest diagonal σ², which is finite and
+        exact for gradients of any scale; ``"frobenius"`` divides by the Frobenius norm instead
+        (the same matrix, f = 1), ``"none"`` keeps the normalized one and un-normalizes α by
+        f = 1/σ (α_k (Mα)_k = p_k with M = σ²A), so neither underflows nor overflows."""
+        A, top = normalized_gram(G)
+        if not math.isfinite(top):
+            return A, 1.0
+        if self.gram_normalization == "frobenius":
+            norm = float(np.linalg.norm(A))
+            return (A / norm, 1.0) if norm > 0 else (A, 1.0)
+        return A, (1.0 / top if top > 0 else 1.0)
+
+    def _solve(self, M: np.ndarray, factor: float, warm: np.ndarray | None) -> tuple[np.ndarray, NashSolution]:
+        """α on the un-normalized scale (see :meth:`_solver_gram`) and the solution on M's."""
+        solution = nash_bargaining(M, self.preferences.cpu().numpy(), warm_start=None if warm is None else warm / factor)
+        return solution.alpha * factor, solution
 
     def _coefficients(self, G: Tensor) -> Tensor:
         """α for this step: solved on the (normalized) Gram matrix, or reused between solves."""
         if not bool(self.solved) or int(self.steps) % self.update_weights_every == 0:
-            M, _ = self._solver_gram(G)
-            p = self.preferences.cpu().numpy()
-            warm = self.alpha.cpu().numpy() if bool(self.solved) else None
-            solution = nash_bargaining(M, p, warm_start=warm)
-            self.alpha = torch.as_tensor(solution.alpha, dtype=torch.float64, device=self.alpha.device)
+            M, factor = self._solver_gram(G)
+            alpha, solution = self._solve(M, factor, self.alpha.cpu().numpy() if bool(self.solved) else None)
+            self.alpha = torch.as_tensor(alpha, dtype=torch.float64, device=self.alpha.device)
             self.residual = torch.tensor(solution.residual, dtype=torch.float64, device=self.alpha.device)
             self.solved = torch.ones((), dtype=torch.bool, device=self.solved.device)
         return self.alpha.to(G.device)
@@ -111,18 +124,18 @@ class NashMTL(GradientAggregation):
                 f"got shape {tuple(G.shape)}"
             )
         alpha = self._coefficients(G)
-        direction = alpha.to(G.dtype) @ G
+        direction = combine(alpha, G)
         factor = 1.0
         if self.max_norm > 0:
-            norm = float(direction.norm())
+            norm = float(torch.linalg.vector_norm(direction, dtype=torch.float64))
             if norm > self.max_norm:
                 factor = self.max_norm / norm
                 direction = direction * factor
         self.last_weights = (alpha * factor).detach().to(self.last_weights)
         return direction
 
-    def _backward(self, losses, shared, task_parameters, representation):
-        info = super()._backward(losses, shared, task_parameters, representation)
+    def _backward(self, losses, shared, heads, representation):
+        info = super()._backward(losses, shared, heads, representation)
         info["alpha"] = self._as_dict(self.alpha)
         return info
 
@@ -200,10 +213,9 @@ class AuxiNash(NashMTL):
         # the global meta batch's per-task gradients (the graphs in per_task stay local: the
         # Hessian-vector products through them are averaged where they are evaluated)
         flat = distributed.average(torch.stack([torch.cat([g.detach().reshape(-1) for g in grads]) for grads in per_task]))
-        M, _ = self._solver_gram(flat)
+        M, factor = self._solver_gram(flat)
         p = self.preferences.cpu().numpy()
-        solution = nash_bargaining(M, p, warm_start=self.alpha.cpu().numpy())
-        alpha = solution.alpha
+        alpha, solution = self._solve(M, factor, self.alpha.cpu().numpy())
         a = torch.as_tensor(alpha, dtype=flat.dtype, device=flat.device)
         train_grads = [sum(a[k] * per_task[k][i] for k in range(len(losses))) for i in range(len(W))]
         val_batch = context.validation_batch(self.meta_source, self.name)
@@ -213,7 +225,7 @@ class AuxiNash(NashMTL):
         v, _ = neumann_vector(train_grads, W, g_val, self.neumann_terms, self.neumann_lr)
         v_flat = torch.cat([x.reshape(-1) for x in v])
         dval_dalpha = -(flat.double() @ v_flat.double()).cpu().numpy()
-        sensitivity = nash_sensitivity(M, p, alpha, solution.ridge)
+        sensitivity = factor * nash_sensitivity(M, p, solution.alpha, solution.ridge)  # dα/dp on α's scale
         grad = torch.as_tensor(sensitivity.T @ dval_dalpha, dtype=torch.float64, device=self.preferences.device)
         return grad, {"val_loss": float(distributed.average(val_loss.detach()))}
 

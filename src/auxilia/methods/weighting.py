@@ -25,6 +25,10 @@ from .registry import register
 class SingleTask(LossWeighting):
     """Single-task learning: the primary loss alone; auxiliary heads get no gradient."""
 
+    @property
+    def ignored_tasks(self) -> tuple[int, ...]:
+        return tuple(range(1, self.num_tasks))
+
     def combine(self, losses: Tensor) -> Tensor:
         return losses[0]
 
@@ -203,7 +207,7 @@ class GradNorm(LossWeighting):
     def combine(self, losses: Tensor) -> Tensor:
         return (self.loss_weights.detach().to(losses) * losses).sum()
 
-    def _backward(self, losses, shared, task_parameters, representation):
+    def _backward(self, losses, shared, heads, representation):
         with torch.no_grad():
             w = self.loss_weights.clamp_(min=0)
             w.mul_(self.num_tasks / w.sum().clamp(min=1e-12))
@@ -222,7 +226,7 @@ class GradNorm(LossWeighting):
         relative = rates / rates.mean().clamp(min=1e-12)
         target = (weighted.mean() * relative.pow(self.alpha)).detach()
         grad = torch.autograd.grad((weighted - target).abs().sum(), self.loss_weights)[0]
-        info = super()._backward(losses, shared, task_parameters, representation)
+        info = super()._backward(losses, shared, heads, representation)
         if self.loss_weights.grad is None:
             self.loss_weights.grad = grad
         else:
