@@ -35,13 +35,12 @@ def test_run_toy_end_to_end(tmp_path, capsys):
     assert (out / "toy_table.md").exists()
 
 
-def test_bad_arguments_fail_before_training(tmp_path):
-    with pytest.raises(ValueError, match="unknown method 'nope'"):
-        main(["run", "toy", "--method", "nope", "--out", str(tmp_path)])
-    with pytest.raises(SystemExit, match="accepts hyperparameter 'zzz'"):
-        main(["run", "toy", "--method", "equal", "--hp", "zzz=1", "--out", str(tmp_path)])
-    with pytest.raises(ValueError, match="unknown experiment"):
-        main(["run", "nowhere", "--out", str(tmp_path)])
+def test_bad_arguments_fail_before_training(tmp_path, capsys):
+    for argv, message in ((["run", "toy", "--method", "nope"], "unknown method 'nope'"),
+                          (["run", "toy", "--method", "equal", "--hp", "zzz=1"], "accepts hyperparameter 'zzz'"),
+                          (["run", "nowhere"], "unknown experiment")):
+        assert main([*argv, "--out", str(tmp_path)]) == 2
+        assert message in capsys.readouterr().err
     assert not (tmp_path / "results.jsonl").exists()
 
 
@@ -111,8 +110,7 @@ def test_scenes_runs_end_to_end_with_its_options(tmp_path):
         assert record["primary_metric_name"] == "test/segmentation/miou"
         assert set(record["metrics"]["test"]) >= {"normals/angle_err", "segmentation/pixel_accuracy"}
         assert "depth/loss" not in record["metrics"]["test"]
-    with pytest.raises(ValueError, match="unknown task 'height'"):
-        main(["run", "scenes", "--method", "stl", "--option", 'auxiliaries=["height"]', "--out", str(out)])
+    assert main(["run", "scenes", "--method", "stl", "--option", 'auxiliaries=["height"]', "--out", str(out)]) == 2
 
 
 def test_batch_size_and_epochs_override_the_experiment(tmp_path):
@@ -129,3 +127,33 @@ def test_a_grid_resumes_without_rerunning_finished_runs(tmp_path, capsys):
     lines = (tmp_path / "results.jsonl").read_text().splitlines()
     assert [json.loads(line)["seed"] for line in lines] == [0, 1, 2]
     assert "already in" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("higher_is_better", [False, True])
+def test_a_search_keeps_the_trial_best_on_val_never_on_test(tmp_path, monkeypatch, higher_is_better):
+    from types import SimpleNamespace
+
+    from auxilia.experiments import get
+    from auxilia.experiments.runner import run_one
+    from auxilia.training.trainer import FitResult
+
+    # trial i's val and test values: the best on val (trial 2 or 1) is never the best on test
+    val = [3.0, 1.0, 0.5, 2.0] if not higher_is_better else [0.5, 3.0, 1.0, 2.0]
+    test = [0.1, 9.0, 5.0, 0.2] if not higher_is_better else [9.0, 0.5, 4.0, 8.0]
+    trials: list[dict] = []
+
+    def train(setup, method_name, hp, *, device, log_dir, trainer_overrides):
+        index = len(trials)
+        trials.append(hp)
+        result = FitResult(metrics={"val": {"m": val[index]}, "test": {"m": test[index]}}, primary_metric="m",
+                           weights=None, weights_history=[], steps=1, skipped_steps=0, best_epoch=0,
+                           time_per_step_s=0.0, peak_memory_bytes=0)
+        primary = SimpleNamespace(higher_is_better=higher_is_better, metrics=("m",))
+        return result, SimpleNamespace(config=setup.config, tasks=SimpleNamespace(primary=primary))
+
+    monkeypatch.setattr("auxilia.experiments.runner._train", train)
+    record = run_one(get("toy"), "hpo-random", 0, out=tmp_path, hyperparameters={"trials": 4})
+    best = (max if higher_is_better else min)(range(4), key=lambda i: val[i])
+    assert [entry["val"] for entry in record["config"]["search"]] == val
+    assert record["config"]["hyperparameters"] == json.loads(json.dumps(trials[best]))
+    assert record["primary_metric"] == test[best]

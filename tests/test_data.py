@@ -335,6 +335,42 @@ def test_cifar10_python_batches_from_the_original_archive(tmp_path):
         read_cifar10_batches(broken)
 
 
+class _RunsCode:
+    """Unpickling this writes ``marker``: what a crafted batch could do with any callable."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.write_text, (self.marker, "ran"))
+
+
+@pytest.mark.parametrize("layout", ["folder", "tar.gz"])
+def test_a_cifar10_batch_that_would_run_code_is_refused_naming_the_file(tmp_path, layout):
+    marker = tmp_path / "marker"
+    folder = tmp_path / "data" / "cifar-10-batches-py"
+    shutil.copytree(FIXTURES / "cifar-10-batches-py", folder)
+    with (folder / "data_batch_2").open("wb") as f:
+        pickle.dump({b"data": np.zeros((1, 3072), np.uint8), b"labels": [_RunsCode(marker)]}, f, protocol=2)
+    if layout == "tar.gz":
+        with tarfile.open(tmp_path / "data" / "cifar-10-python.tar.gz", "w:gz") as tar:
+            tar.add(folder, arcname="cifar-10-batches-py")
+        shutil.rmtree(folder)
+    with pytest.raises(DatasetCorrupt, match=r"data_batch_2: refused, not a plain CIFAR-10 batch \(it names "):
+        load_cifar10(tmp_path / "data", "train")
+    assert not marker.exists()
+    load_cifar10(tmp_path / "data", "test")  # the other batches are still read
+
+
+def test_cifar10_batches_of_any_pickle_protocol_are_read(tmp_path):
+    expected = read_cifar10_batches(FIXTURES / "cifar-10-batches-py", "test")
+    for protocol in range(2, pickle.HIGHEST_PROTOCOL + 1):
+        (tmp_path / "test_batch").write_bytes(pickle.dumps(
+            {b"data": expected[0].reshape(2, -1).numpy(), b"labels": expected[1].tolist()}, protocol=protocol))
+        images, labels = read_cifar10_batches(tmp_path, "test")
+        assert torch.equal(images, expected[0]) and torch.equal(labels, expected[1]), protocol
+
+
 def test_cifar10_jpeg_tree_fixture_is_decoded_and_cached(tmp_path):
     root = FIXTURES / "cifar10-jpg"
     with pytest.raises(DatasetCorrupt, match="SHA-256"):

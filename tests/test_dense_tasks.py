@@ -93,3 +93,29 @@ def test_scenes_splits_are_disjoint_and_the_pairing_is_configurable():
         seen |= rows
     outputs = setup.model(setup.datasets["train"].inputs[:2])
     assert outputs["normals"].shape == (2, 3, 16, 16) and outputs["segmentation"].shape == (2, 4, 16, 16)
+
+
+@pytest.mark.parametrize(
+    "make, output, target",
+    [
+        (depth_task, torch.rand(2, 1, 4, 4), torch.rand(2, 4, 4) + 0.1),  # broadcasts to (2, 2, 4, 4)
+        (depth_task, torch.rand(2, 1, 4, 4), torch.rand(2, 3, 4, 4) + 0.1),
+        (normals_task, torch.randn(2, 3, 4, 4), torch.randn(2, 1, 4, 4)),
+        (normals_task, torch.randn(2, 3, 4, 4), torch.randn(2, 3, 1, 4)),
+        (segmentation_task, torch.randn(2, 4, 4, 4), torch.zeros(2, 1, 4, 4, dtype=torch.long)),
+        (segmentation_task, torch.randn(2, 4, 4, 4), torch.zeros(2, 4, 1, dtype=torch.long)),
+    ],
+)
+def test_dense_shape_mismatches_are_refused_by_loss_and_metrics(make, output, target):
+    task = make()
+    with pytest.raises(TaskError, match=rf"task '{task.name}'.*\(2, .*\).*\(2, .*\)"):
+        task.compute_loss(output, target)
+    for metric in task.new_metrics().values():
+        with pytest.raises(TaskError, match=r"\(2, .*\).*\(2, .*\)"):
+            metric.update(output, target)
+
+
+def test_depth_with_a_channel_dimension_on_both_sides_matches_the_hand_value():
+    task = depth_task()
+    output, target = torch.full((2, 1, 2, 2), 3.0), torch.full((2, 1, 2, 2), 1.0)
+    assert float(task.compute_loss(output, target)) == pytest.approx(2.0)

@@ -245,13 +245,62 @@ def test_run_with_two_processes_writes_the_single_process_table(tmp_path):
 
 
 def test_nproc_relaunches_under_torchrun_without_the_flag(monkeypatch):
+    from torch.distributed import run as torchrun
+
     from auxilia import cli
 
     seen = []
     monkeypatch.delenv("WORLD_SIZE", raising=False)
-    monkeypatch.setattr(cli.subprocess, "call", lambda command: seen.append(command) or 0)
+    monkeypatch.setattr(torchrun, "run", seen.append)
     for flag in (["--nproc", "3"], ["--nproc=3"]):
         assert cli.main(["run", "toy", *flag, "--seeds", "1"]) == 0
-        command = seen.pop()
-        assert command[1:5] == ["-m", "torch.distributed.run", "--standalone", "--nproc-per-node=3"]
-        assert command[5:] == ["-m", "auxilia.cli", "run", "toy", "--seeds", "1"]
+        launch = seen.pop()
+        assert launch.standalone and launch.nproc_per_node == "3" and launch.module
+        assert [launch.training_script, *launch.training_script_args] == ["auxilia.cli", "run", "toy", "--seeds", "1"]
+
+
+def test_the_collective_timeout_reaches_the_process_group(monkeypatch):
+    import datetime
+
+    seen = []
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setattr(dist, "is_initialized", lambda: False)
+    monkeypatch.setattr(dist, "init_process_group", lambda backend, **kwargs: seen.append((backend, kwargs)))
+    distributed.init_from_environment("cpu", timeout=7)
+    monkeypatch.setenv("AUXILIA_DIST_TIMEOUT", "11")
+    distributed.init_from_environment("cpu")
+    monkeypatch.delenv("AUXILIA_DIST_TIMEOUT")
+    distributed.init_from_environment("cpu")
+    assert [kwargs["timeout"] for _, kwargs in seen] == [
+        datetime.timedelta(seconds=s) for s in (7, 11, distributed.DEFAULT_TIMEOUT_S)]
+    assert distributed.DEFAULT_TIMEOUT_S <= 600
+    with pytest.raises(ValueError, match="positive"):
+        distributed.collective_timeout(0)
+
+
+# imported by every worker of the run below (PYTHONPATH): rank 1 stops answering at its first broadcast
+STUCK = """
+import os
+if os.environ.get("RANK") == "1":
+    import time
+    import auxilia.distributed
+    auxilia.distributed.broadcast_state = lambda *modules: time.sleep(120)
+"""
+
+
+def test_a_worker_that_stops_answering_fails_the_run_naming_its_rank(tmp_path):
+    import subprocess
+    import sys
+    import time
+
+    (tmp_path / "sitecustomize.py").write_text(STUCK)
+    command = [sys.executable, "-m", "auxilia.cli", "run", "toy", "--method", "equal", "--seeds", "1",
+               "--max-steps", "2", "--nproc", "2", "--timeout", "2", "--out", str(tmp_path / "out"), "--no-plots"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(filter(None, (
+        str(tmp_path), os.environ.get("PYTHONPATH"))))}
+    started = time.monotonic()
+    done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=120, check=False)
+    assert done.returncode == 1 and time.monotonic() - started < 60
+    last = done.stderr.strip().splitlines()[-1]
+    assert last.startswith("auxilia: error: worker rank 1 of 2 stopped answering: rank 0 gave up"), done.stderr
+    assert "--timeout 2 s" in last

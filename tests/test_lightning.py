@@ -324,6 +324,28 @@ def test_a_nonfinite_step_is_skipped_or_raised():
             assert int(module.method.steps) == 0 and module.global_step == 0
 
 
+def test_a_skipped_step_and_meta_step_leave_batchnorm_statistics_as_they_were():
+    torch.manual_seed(0)
+    names = ("main", "helpful")
+    model = MultiTaskModel(nn.Sequential(nn.Linear(2, 4), nn.BatchNorm1d(4), nn.ReLU()),
+                           {name: nn.Sequential(nn.Linear(4, 1), nn.Flatten(0)) for name in names})
+    train, aux = toy_data(10, 1, torch.float32, names), toy_data(10, 2, torch.float32, names)
+    train.inputs[3, 0] = aux.inputs[:, 0] = float("nan")  # the only batch, and every meta batch
+    module = AuxiliaryModule(model, "auxilearn", SGD, tasks=toy_tasks(names), hyperparameters={"meta_every": 1},
+                             meta_datasets={"aux": aux}, nonfinite="skip")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    pl.Trainer(max_epochs=1, devices=1, logger=False, enable_checkpointing=False, **QUIET).fit(
+        module, DataLoader(train, batch_size=10, collate_fn=collate))
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, before[key]), key
+    # a clean step, then a meta step on the NaN meta batch: the meta step's forward is undone too
+    train.inputs[3, 0] = 0.0
+    pl.Trainer(max_epochs=1, devices=1, logger=False, enable_checkpointing=False, **QUIET).fit(
+        module, DataLoader(train, batch_size=10, collate_fn=collate))
+    assert int(model.encoder[1].num_batches_tracked) == 1
+    assert torch.isfinite(model.encoder[1].running_mean).all()
+
+
 def test_the_global_batch_sampler_shards_the_trainers_batches(monkeypatch):
     dataset = toy_data(24, 0)  # the last global batch has 3 samples
     whole = [b[0] for b in epoch_batches(dataset, 7, seed=1, epoch=2)]

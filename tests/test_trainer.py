@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 from auxilia import NonFiniteLossError, Task, methods
-from auxilia.training import TaskDataset, Trainer, TrainerConfig
+from auxilia.training import TaskDataset, Trainer, TrainerConfig, read_checkpoint
 
 
 class TwoHeads(nn.Module):
@@ -87,8 +87,11 @@ def test_resume_mid_epoch_gives_the_same_run(tmp_path, method):
 def test_checkpoint_loads_with_weights_only(tmp_path):
     trainer = _trainer(epochs=1)
     trainer.fit(checkpoint=tmp_path / "c.pt")
-    state = torch.load(tmp_path / "c.pt", weights_only=True)
-    assert state["counters"]["step"] == trainer.step
+    raw = torch.load(tmp_path / "c.pt", weights_only=True)
+    assert raw["counters"]["step"] == trainer.step and raw["format"] == "auxilia.training.Trainer"
+    state = read_checkpoint(tmp_path / "c.pt")  # the same, its checksum verified
+    assert state["counters"]["step"] == trainer.step and "sha256" not in state
+    assert state["settings"] == {"total_steps": 6, "steps_per_epoch": 6, "batch_size": 16, "seed": 3}
 
 
 def test_selection_on_val_never_reads_test(monkeypatch):
@@ -207,3 +210,36 @@ def test_meta_learned_methods_share_one_rule_for_the_validation_batch(name):
         context.validation_batch("aux", name)
     context.aux_batch = lambda: "a"
     assert context.validation_batch("aux", name) == "a"
+
+
+def test_dwa_weights_move_over_epochs_because_the_trainer_ends_each_epoch():
+    trainer = _trainer("dwa", epochs=3)
+    ends = []
+    original = trainer.method.epoch_end
+    trainer.method.epoch_end = lambda: ends.append(trainer.epoch) or original()
+    trainer.fit()
+    assert ends == [0, 1, 2]
+    first, last = trainer.weights_history[0], trainer.weights_history[-1]
+    assert first["main"] == first["aux"]  # no loss history yet: equal weights
+    assert last["main"] != pytest.approx(first["main"]) and last["main"] + last["aux"] == pytest.approx(2.0)
+
+
+def test_model_selection_keeps_the_best_val_epoch():
+    trainer = _trainer(epochs=6)
+    trainer.optimizer.param_groups[0]["lr"] = 0.2  # val accuracy peaks at epoch 2, then ties it later
+    per_epoch = []
+    original = trainer.evaluate
+
+    def spy(split):
+        values = original(split)
+        if split == "val":
+            per_epoch.append((trainer.epoch, dict(values)))
+        return values
+    trainer.evaluate = spy
+    result = trainer.fit()
+    selections, final = per_epoch[:-1], per_epoch[-1][1]
+    accuracies = [values["main/accuracy"] for _, values in selections]
+    best = accuracies.index(max(accuracies))  # the first of equals: a later tie is not better
+    assert best < len(selections) - 1  # the setup must make selection matter
+    assert result.best_epoch == selections[best][0] == best
+    assert final == selections[best][1] == result.metrics["val"]

@@ -4,7 +4,9 @@ The losses and metrics are the ones NYUv2-style experiments report (MTAN, AuxiLe
 Aux-NAS): pixel-wise cross-entropy with mIoU and pixel accuracy; L1 depth with absolute and
 relative error; cosine normal loss with the mean angle error and the fraction of pixels within
 11.25°. Pixels without a label (segmentation ``-1``, depth ``0``, a zero normal) count in neither
-the loss nor the metrics. Losses are returned per pixel, so methods that weigh pixels (AuxiLearn's
+the loss nor the metrics. Targets have the output's shape (depth (B, 1, H, W), normals
+(B, 3, H, W)) or, for segmentation, its shape without the class dimension (B, H, W); any other
+shape is refused rather than broadcast. Losses are returned per pixel, so methods that weigh pixels (AuxiLearn's
 convolutional combiner) receive them unreduced from :meth:`Task.per_sample_loss`.
 """
 
@@ -16,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .tasks import Role, Task
+from .tasks import Role, Task, TaskError, check_target_shape
 
 IGNORE_INDEX = -1
 
@@ -25,6 +27,13 @@ def _valid_mean(values: Tensor, valid: Tensor) -> Tensor:
     """Per-sample mean over the valid pixels (0 where an image has none)."""
     values = (values * valid).reshape(len(values), -1).sum(dim=1)
     return values / valid.reshape(len(valid), -1).sum(dim=1).clamp(min=1)
+
+
+def _check_indices(what: str, output: Tensor, target: Tensor) -> None:
+    """Segmentation metrics count class indices: (B, C, ...) logits against (B, ...) integer labels."""
+    check_target_shape(what, output, target, "class_dim")
+    if target.is_floating_point():
+        raise TaskError(f"{what}: expected integer class labels, got a {target.dtype} target of shape {tuple(target.shape)}")
 
 
 def segmentation_loss(output: Tensor, target: Tensor) -> Tensor:
@@ -63,6 +72,7 @@ class MeanIoU:
         self.confusion: Tensor | None = None
 
     def update(self, output: Tensor, target: Tensor) -> None:
+        _check_indices("miou", output, target)
         classes = output.shape[1]
         if self.confusion is None:
             self.confusion = torch.zeros(classes, classes, dtype=torch.long)
@@ -83,21 +93,25 @@ class MeanIoU:
 
 
 def pixel_accuracy(output: Tensor, target: Tensor) -> Tensor:
+    _check_indices("pixel_accuracy", output, target)
     valid = (target != IGNORE_INDEX).float()
     return _valid_mean((output.argmax(dim=1) == target).float(), valid)
 
 
 def depth_absolute_error(output: Tensor, target: Tensor) -> Tensor:
+    check_target_shape("depth abs_err", output, target, "same")
     valid = depth_valid(target)
     return _valid_mean((output - target).abs(), valid)
 
 
 def depth_relative_error(output: Tensor, target: Tensor) -> Tensor:
+    check_target_shape("depth rel_err", output, target, "same")
     valid = depth_valid(target)
     return _valid_mean((output - target).abs() / target.clamp(min=1e-6), valid)
 
 
 def _angles(output: Tensor, target: Tensor) -> Tensor:
+    check_target_shape("normals angle", output, target, "same")
     cosine = F.cosine_similarity(output, target, dim=1, eps=1e-8).clamp(-1, 1)
     return torch.rad2deg(torch.acos(cosine)).unsqueeze(1)
 
@@ -113,17 +127,19 @@ def normals_within_11(output: Tensor, target: Tensor) -> Tensor:
 def segmentation_task(name: str = "segmentation", role: Role = "auxiliary") -> Task:
     """Headline metric mIoU (higher is better), then pixel accuracy."""
     metrics = {"miou": MeanIoU, "pixel_accuracy": pixel_accuracy}
-    return Task(name, segmentation_loss, role, metrics, higher_is_better=True)
+    return Task(name, segmentation_loss, role, metrics, higher_is_better=True, target_shape="class_dim")
 
 
 def depth_task(name: str = "depth", role: Role = "auxiliary") -> Task:
     """Headline metric absolute error (lower is better), then relative error."""
-    return Task(name, depth_loss, role, {"abs_err": depth_absolute_error, "rel_err": depth_relative_error})
+    metrics = {"abs_err": depth_absolute_error, "rel_err": depth_relative_error}
+    return Task(name, depth_loss, role, metrics, target_shape="same")
 
 
 def normals_task(name: str = "normals", role: Role = "auxiliary") -> Task:
     """Headline metric mean angle error in degrees (lower is better), then the share within 11.25°."""
-    return Task(name, normals_loss, role, {"angle_err": normals_angle_error, "within_11.25": normals_within_11})
+    metrics = {"angle_err": normals_angle_error, "within_11.25": normals_within_11}
+    return Task(name, normals_loss, role, metrics, target_shape="same")
 
 
 DENSE_TASKS = {"segmentation": segmentation_task, "depth": depth_task, "normals": normals_task}

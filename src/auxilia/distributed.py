@@ -21,6 +21,7 @@ quantity, and their sizes are documented per method in ``docs/distributed.md``.
 
 from __future__ import annotations
 
+import datetime
 import os
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
@@ -54,9 +55,12 @@ def is_main() -> bool:
     return rank() == 0
 
 
-def init_from_environment(device: str = "cpu") -> bool:
+def init_from_environment(device: str = "cpu", timeout: float | None = None) -> bool:
     """Join the process group torchrun describes in the environment (NCCL for CUDA, gloo otherwise).
 
+    ``timeout`` (seconds; default ``$AUXILIA_DIST_TIMEOUT``, else :data:`DEFAULT_TIMEOUT_S`) bounds
+    how long a collective waits for the other processes: a process that stops answering then
+    fails the run within that time rather than after the backend's default of 30 minutes.
     Returns whether a group with more than one process is now running; a plain ``python`` launch
     (no ``WORLD_SIZE``) is left alone.
     """
@@ -66,8 +70,35 @@ def init_from_environment(device: str = "cpu") -> bool:
         backend = "nccl" if device.startswith("cuda") and torch.cuda.is_available() else "gloo"
         if backend == "nccl":
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-        dist.init_process_group(backend)
+        dist.init_process_group(backend, timeout=datetime.timedelta(seconds=collective_timeout(timeout)))
     return is_distributed()
+
+
+DEFAULT_TIMEOUT_S = 300.0
+
+
+def collective_timeout(timeout: float | None = None) -> float:
+    """``timeout`` if given, else ``$AUXILIA_DIST_TIMEOUT``, else :data:`DEFAULT_TIMEOUT_S`; seconds."""
+    if timeout is None:
+        raw = os.environ.get("AUXILIA_DIST_TIMEOUT")
+        try:
+            timeout = float(raw) if raw else DEFAULT_TIMEOUT_S
+        except ValueError:
+            raise ValueError(f"AUXILIA_DIST_TIMEOUT must be a number of seconds, got {raw!r}") from None
+    if not timeout > 0:
+        raise ValueError(f"the collective timeout must be positive, got {timeout}")
+    return float(timeout)
+
+
+# how gloo and NCCL word a collective that failed because another process stopped answering or left
+_PEER_LOST = ("timed out", "timeout", "connection closed by peer", "connection reset by peer", "broken pipe",
+              "communicator was aborted")
+
+
+def lost_peer(error: BaseException) -> bool:
+    """Whether ``error`` is a collective failing for want of another process (a timeout, a closed
+    connection), rather than a fault of this one."""
+    return isinstance(error, RuntimeError) and any(text in str(error).lower() for text in _PEER_LOST)
 
 
 def _scratch_device() -> torch.device:
@@ -246,12 +277,14 @@ __all__ = [
     "average_gradients",
     "barrier",
     "broadcast_state",
+    "collective_timeout",
     "destroy",
     "fraction",
     "gather_rows",
     "init_from_environment",
     "is_distributed",
     "is_main",
+    "lost_peer",
     "rank",
     "reset_traffic",
     "shard_bounds",

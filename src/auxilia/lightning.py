@@ -43,7 +43,7 @@ from .methods import create as create_method
 from .methods.base import MetaContext, Method
 from .tasks import NonFiniteLossError, Task
 from .training.data import Batch, MetaBatches, as_batch, to_device
-from .training.trainer import losses_on_every_process
+from .training.trainer import losses_on_every_process, unchanged_on_error
 
 OptimizerFactory = Callable[[list[dict[str, Any]]], torch.optim.Optimizer]
 SchedulerFactory = Callable[[torch.optim.Optimizer, int], Any]
@@ -154,7 +154,9 @@ class AuxiliaryModule(pl.LightningModule):
     Meta steps draw ``meta_batch_size`` samples (default: the step's global batch size) from
     ``meta_datasets["train"]`` (default: the training dataloader's dataset) and ``["aux"]``, seeded by
     (``seed``, step) exactly as the Trainer does, so every process draws the same batch.
-    ``nonfinite="skip"`` drops a step whose loss or gradient is not finite instead of raising.
+    ``nonfinite="skip"`` drops a step (or meta step) whose loss or gradient is not finite instead of
+    raising; as in the Trainer, a dropped step leaves the parameters, the optimizer, the scheduler,
+    the method's state and every model buffer (BatchNorm statistics) as they were.
     """
 
     def __init__(
@@ -256,17 +258,16 @@ class AuxiliaryModule(pl.LightningModule):
         optimizer = self.optimizers()
         step = self.global_step  # before optimizer.step() advances it: the Trainer's step index
         optimizer.zero_grad(set_to_none=True)
-        snapshot = {k: v.detach().clone() for k, v in self.method.state_dict().items()}
         with distributed.sharded(n_local):
             n_global = round(n_local / distributed.fraction())
             try:
-                representation, outputs = self.forward_tasks(inputs)
-                losses = losses_on_every_process(lambda: self.compute_losses(outputs, targets, masks), self.method)
-                info = self.method.backward(losses, self.shared_parameters(), self.task_parameters(), representation)
-                self._check_gradients(optimizer)
+                with unchanged_on_error(self.model, self.method):
+                    representation, outputs = self.forward_tasks(inputs)
+                    losses = losses_on_every_process(lambda: self.compute_losses(outputs, targets, masks), self.method)
+                    info = self.method.backward(losses, self.shared_parameters(), self.task_parameters(), representation)
+                    self._check_gradients(optimizer)
             except NonFiniteLossError:
                 optimizer.zero_grad(set_to_none=True)
-                self.method.load_state_dict(snapshot)
                 if self.nonfinite == "raise":
                     raise
                 self.log_event({"train/skipped_step": 1.0}, step)
@@ -285,9 +286,10 @@ class AuxiliaryModule(pl.LightningModule):
         logged.update(_numbers("train/", info))
         if self.method.meta_due():
             try:
-                with distributed.sharded(1, distributed.world_size()):  # equal shares of each meta batch
+                # equal shares of each meta batch
+                with unchanged_on_error(self.model, self.method), distributed.sharded(1, distributed.world_size()):
                     meta = self.method.meta_step(self.meta_context(step, n_global))
-            except FloatingPointError:  # the method left its state as it was
+            except FloatingPointError:  # the method's state and the model's buffers are as they were
                 if self.nonfinite == "raise":
                     raise
                 meta = {"skipped": 1.0}

@@ -5,6 +5,10 @@ only grows within one process, so its ratios are meaningful for GPU runs only.
 
 Δp is the relative change of the primary metric against ``stl`` in percent, signed so that positive
 means better (for a lower-is-better metric the sign is flipped).
+
+A row is one configuration: the runs of one method (label) that differ only by their seed. Runs
+with another budget, trainer setting, option, ``--hp`` or device are another row, never averaged
+in; when the rows of a table differ in such settings, a ``settings`` column says how.
 """
 
 from __future__ import annotations
@@ -17,14 +21,31 @@ from typing import Any
 
 import numpy as np
 
+from .experiments.results import read_records, record_key
+from .experiments.runner import configuration
+
 
 def load_results(path: str | Path) -> list[dict[str, Any]]:
-    path = Path(path)
-    if path.is_dir():
-        path = path / "results.jsonl"
-    if not path.exists():
-        raise FileNotFoundError(f"no results file at {path}")
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    """The records of a ``results.jsonl`` (or of the one in directory ``path``): lines that are not
+    records are skipped with a warning, and a run recorded twice is counted once."""
+    return read_records(path)
+
+
+def settings(record: dict[str, Any]) -> dict[str, str]:
+    """The configuration of a record's run as ``name: value`` strings (``hp:`` and ``option:``
+    prefix hyperparameters and experiment options), seed excluded."""
+    key = record_key(record)
+    try:
+        config = configuration(key) if key else {}
+    except (json.JSONDecodeError, AttributeError):
+        config = {"run_key": key}
+    flat = {"budget": config.get("budget"), "device": config.get("device")}
+    flat.update(config.get("trainer") or {})
+    flat.update({f"hp:{k}": v for k, v in (config.get("hyperparameters") or {}).items()})
+    flat.update({f"option:{k}": v for k, v in (config.get("options") or {}).items()})
+    if "run_key" in config:
+        flat["run_key"] = config["run_key"]
+    return {k: json.dumps(v, sort_keys=True) for k, v in flat.items() if v is not None}
 
 
 def _value(record: dict[str, Any], metric: str) -> float:
@@ -38,23 +59,29 @@ def _value(record: dict[str, Any], metric: str) -> float:
 def summarize(
     records: Iterable[dict[str, Any]], experiment: str, extra_metrics: Sequence[str] = ()
 ) -> list[dict[str, Any]]:
-    """One row per method (in first-seen order): n, mean and std of the primary and extra metrics."""
+    """One row per configuration (in first-seen order): n, mean and std of the primary and extra
+    metrics over its seeds. ``row["settings"]`` holds what the row's runs set that not every row
+    shares (empty when every row has the same configuration)."""
     runs = [r for r in records if r["experiment"] == experiment]
     # a run's label names its row: the method, or "<arch>/<method>" when an architecture was chosen
-    methods = list(dict.fromkeys(r.get("label") or r["method"] for r in runs))
+    groups: dict[tuple[str, tuple[tuple[str, str], ...]], list[dict[str, Any]]] = {}
+    for r in runs:
+        groups.setdefault((r.get("label") or r["method"], tuple(sorted(settings(r).items()))), []).append(r)
+    shared = set.intersection(*(set(config) for _, config in groups)) if groups else set()
     rows = []
-    for method in methods:
-        mine = [r for r in runs if (r.get("label") or r["method"]) == method]
+    for (method, config), mine in groups.items():
         row: dict[str, Any] = {"method": method, "base_method": mine[0]["method"], "n": len(mine),
-                               "higher_is_better": mine[0].get("higher_is_better", False)}
+                               "higher_is_better": mine[0].get("higher_is_better", False),
+                               "settings": {k: v for k, v in config if (k, v) not in shared}}
         for metric in ("primary", *extra_metrics):
             values = np.array([_value(r, metric) for r in mine], dtype=float)
             row[metric] = (float(np.nanmean(values)), float(np.nanstd(values))) if np.isfinite(values).any() else (math.nan, math.nan)
         row["time_per_step_s"] = float(np.mean([r["time_per_step_s"] for r in mine]))
         row["peak_memory_bytes"] = float(np.mean([r.get("peak_memory_bytes", 0) for r in mine]))
+        row["comparable"] = {k: v for k, v in config if not k.startswith(("hp:", "option:arch"))}
         rows.append(row)
-    stl = next((row for row in rows if row["method"] == "stl"), None) or _reference(rows, "stl")
     for row in rows:
+        stl = _reference(rows, "stl", row)
         if stl is None or not stl["primary"][0]:
             row["delta_p"] = math.nan
             continue
@@ -63,18 +90,35 @@ def summarize(
     return rows
 
 
-def _reference(rows: Sequence[dict[str, Any]], method: str) -> dict[str, Any] | None:
-    """The first row whose runs used ``method`` (under any architecture)."""
-    return next((row for row in rows if row.get("base_method") == method), None)
+def _reference(rows: Sequence[dict[str, Any]], method: str, row: dict[str, Any]) -> dict[str, Any] | None:
+    """The row ``row`` is compared with: ``method``'s row (named so, else under any architecture)
+    of the same configuration apart from hyperparameters and architecture; None if there is none."""
+    same = [r for r in rows if r.get("base_method") == method and r.get("comparable") == row.get("comparable")]
+    return next((r for r in same if r["method"] == method), None) or next(iter(same), None)
+
+
+def row_name(row: dict[str, Any]) -> str:
+    """The row's method, with its differing settings when there are any (for plots)."""
+    extra = " ".join(f"{k}={v}" for k, v in row.get("settings", {}).items())
+    return f"{row['method']} ({extra})" if extra else row["method"]
 
 
 def format_table(rows: Sequence[dict[str, Any]], primary_name: str, extra_metrics: Sequence[str] = ()) -> str:
-    """A Markdown table (readable in a terminal too)."""
-    equal = next((row for row in rows if row["method"] == "equal"), None) or _reference(rows, "equal")
-    header = ["method", "seeds", primary_name, *extra_metrics, "Δp vs stl (%)", "step time ÷ equal", "peak memory ÷ equal"]
+    """A Markdown table (readable in a terminal too), with a ``settings`` column and a note under it
+    when the experiment was run in several configurations: rows that differ in more than their
+    methods' hyperparameters, or one method in several rows."""
+    labels = [row["method"] for row in rows]
+    several = len(set(labels)) < len(labels) or any(
+        not name.startswith("hp:") for row in rows for name in row.get("settings", {}))
+    header = ["method", *(["settings"] if several else []), "seeds", primary_name, *extra_metrics,
+              "Δp vs stl (%)", "step time ÷ equal", "peak memory ÷ equal"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for row in rows:
-        cells = [row["method"], str(row["n"])]
+        equal = _reference(rows, "equal", row)
+        cells = [row["method"]]
+        if several:
+            cells.append(" ".join(f"{k}={v}" for k, v in row["settings"].items()) or "—")
+        cells.append(str(row["n"]))
         for metric in ("primary", *extra_metrics):
             mean, std = row[metric]
             cells.append(f"{mean:.4g} ± {std:.2g}")
@@ -83,6 +127,10 @@ def format_table(rows: Sequence[dict[str, Any]], primary_name: str, extra_metric
         cells.append(f"{row['time_per_step_s'] / equal['time_per_step_s']:.2f}" if equal else "—")
         cells.append(f"{row['peak_memory_bytes'] / equal['peak_memory_bytes']:.2f}" if equal and equal["peak_memory_bytes"] else "—")
         lines.append("| " + " | ".join(cells) + " |")
+    if several:
+        lines += ["", ("Rows are configurations (runs that differ only by seed); `settings` lists what a row's "
+                       "runs set that not every row shares (hp: method hyperparameter, option: experiment "
+                       "option). Δp and cost ratios compare rows whose settings differ at most in hp and arch.")]
     return "\n".join(lines)
 
 
@@ -114,7 +162,7 @@ def plot_primary(rows: Sequence[dict[str, Any]], primary_name: str, path: str | 
     means = [row["primary"][0] for row in rows]
     stds = [row["primary"][1] for row in rows]
     ax.bar(range(len(rows)), means, yerr=stds, capsize=3, color="#4c72b0")
-    ax.set_xticks(range(len(rows)), [row["method"] for row in rows], rotation=45, ha="right")
+    ax.set_xticks(range(len(rows)), [row_name(row) for row in rows], rotation=45, ha="right")
     ax.set_ylabel(primary_name)
     ax.set_title("primary metric (mean ± std over seeds)")
     return save_figure(fig, path)

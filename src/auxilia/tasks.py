@@ -19,6 +19,8 @@ from torch import Tensor
 Role = Literal["primary", "auxiliary"]
 PerSampleLoss = Callable[[Tensor, Tensor], Tensor]
 REDUCTIONS = ("mean", "sample", "none")
+TargetShape = Literal["same", "class_dim"]
+TARGET_SHAPES = ("same", "class_dim")
 
 
 class TaskError(ValueError):
@@ -33,6 +35,59 @@ class NonFiniteLossError(FloatingPointError):
         super().__init__(message or f"task {task!r}: loss is not finite")
 
 
+def without_class_dim(shape: torch.Size) -> tuple[int, ...]:
+    """``shape`` without dim 1, where classification outputs keep their classes."""
+    return tuple(shape[:1]) + tuple(shape[2:])
+
+
+def check_target_shape(what: str, output: Tensor, target: Tensor, rule: TargetShape) -> None:
+    """Refuse a target whose shape does not follow ``rule``, so that nothing downstream broadcasts.
+
+    ``"same"``: target and output have the same shape. ``"class_dim"``: the target is the output's
+    shape without its class dimension (dim 1) -- class indices -- or, for soft labels, a floating
+    tensor of the output's own shape.
+    """
+    if rule == "same":
+        ok = target.shape == output.shape
+        expected = f"the output's shape {tuple(output.shape)}"
+    else:
+        soft = target.is_floating_point() and target.shape == output.shape
+        ok = output.dim() >= 2 and (tuple(target.shape) == without_class_dim(output.shape) or soft)
+        expected = (
+            f"the output's shape without its class dimension, {without_class_dim(output.shape)}"
+            if output.dim() >= 2 else "an output of shape (B, classes, ...)"
+        )
+    if not ok:
+        raise TaskError(
+            f"{what}: output shape {tuple(output.shape)} and target shape {tuple(target.shape)} do not match "
+            f"(expected a target of {expected}); reshape one of them rather than let them broadcast"
+        )
+
+
+def check_unreduced(what: str, values: object, output: Tensor, target: Tensor) -> None:
+    """Refuse unreduced values (losses or scores) that cannot be one per sample of this batch.
+
+    They must be a tensor of shape (B, ...) with B the output's batch size and no more elements than
+    either the output or the target: a loss computed on a broadcast of mismatched shapes -- (B, 1)
+    against (B,) gives (B, B) -- always has more, so it is caught whatever the loss function.
+    """
+    if not isinstance(values, Tensor):
+        raise TaskError(f"{what}: expected a tensor of unreduced values, got {type(values).__name__}")
+    batch = output.shape[0]
+    if values.dim() == 0 or values.shape[0] != batch:
+        raise TaskError(
+            f"{what}: expected one value per sample (shape ({batch}, ...)), got shape {tuple(values.shape)} "
+            f"for output shape {tuple(output.shape)} and target shape {tuple(target.shape)}; "
+            "use reduction='none'"
+        )
+    if values.numel() > min(output.numel(), target.numel()):
+        raise TaskError(
+            f"{what}: unreduced shape {tuple(values.shape)} has more entries than the output "
+            f"{tuple(output.shape)} or the target {tuple(target.shape)}: the two were broadcast against "
+            "each other; make their shapes match"
+        )
+
+
 class Metric(Protocol):
     """Accumulates over batches; ``compute`` gives the split-level value."""
 
@@ -44,10 +99,16 @@ class Metric(Protocol):
 
 
 class MeanMetric:
-    """Mean of a per-sample score (accuracy, squared error, ...) over every labelled sample."""
+    """Mean of a per-sample score (accuracy, squared error, ...) over every labelled sample.
 
-    def __init__(self, fn: Callable[[Tensor, Tensor], Tensor]):
+    ``fn`` must give one value per sample (or per position) under the rule of
+    :func:`check_unreduced`; a broadcast (B, B) score is refused rather than averaged into a wrong
+    number.
+    """
+
+    def __init__(self, fn: Callable[[Tensor, Tensor], Tensor], task: str | None = None):
         self.fn = fn
+        self.task = task
         self.reset()
 
     def reset(self) -> None:
@@ -55,7 +116,13 @@ class MeanMetric:
         self.count = 0
 
     def update(self, output: Tensor, target: Tensor) -> None:
-        values = self.fn(output, target).detach().float()
+        prefix = f"task {self.task!r}: " if self.task else ""
+        try:
+            values = self.fn(output, target)
+        except TaskError as error:
+            raise TaskError(f"{prefix}{error}") from error
+        check_unreduced(f"{prefix}metric {getattr(self.fn, '__name__', self.fn)!r}", values, output, target)
+        values = values.detach().float()
         self.total += float(values.sum())
         self.count += values.numel()
 
@@ -64,14 +131,20 @@ class MeanMetric:
 
 
 def accuracy(output: Tensor, target: Tensor) -> Tensor:
+    """Per-sample (or per-position) accuracy; soft targets count their most likely class."""
+    check_target_shape("accuracy", output, target, "class_dim")
+    if target.shape == output.shape:
+        target = target.argmax(dim=1)
     return (output.argmax(dim=1) == target).float()
 
 
 def squared_error(output: Tensor, target: Tensor) -> Tensor:
+    check_target_shape("squared_error", output, target, "same")
     return ((output - target) ** 2).reshape(len(output), -1).mean(dim=1)
 
 
 def absolute_error(output: Tensor, target: Tensor) -> Tensor:
+    check_target_shape("absolute_error", output, target, "same")
     return (output - target).abs().reshape(len(output), -1).mean(dim=1)
 
 
@@ -92,6 +165,15 @@ class Task:
     need live in one place. ``metrics`` maps a metric name to a factory of fresh :class:`Metric`s
     (or to a per-sample function, averaged over samples). ``higher_is_better`` applies to the first
     metric, which is the task's headline number.
+
+    Shapes are checked before the loss runs, because a loss that broadcasts a (B, 1) output against
+    a (B,) target returns (B, B) values whose mean looks plausible and is wrong. ``target_shape``
+    declares the relation: ``"same"`` (regression, depth, normals: target shape == output shape) or
+    ``"class_dim"`` (classification, segmentation: target shape == output shape without dim 1, or
+    soft labels of the output's shape). A custom task may leave it ``None``; its losses must then be
+    (B, ...) with no more entries than the output or the target (see :func:`check_unreduced`), which
+    refuses any loss evaluated on a broadcast -- but not one that broadcasts and then reduces, so a
+    custom task whose shapes follow one of the two relations should declare it.
     """
 
     name: str
@@ -99,6 +181,7 @@ class Task:
     role: Role = "auxiliary"
     metrics: Mapping[str, Callable[..., object]] = field(default_factory=dict)
     higher_is_better: bool = False
+    target_shape: TargetShape | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not self.name:
@@ -107,6 +190,10 @@ class Task:
             raise TaskError(f"task {self.name!r}: role must be 'primary' or 'auxiliary', got {self.role!r}")
         if not callable(self.loss):
             raise TaskError(f"task {self.name!r}: loss must be callable")
+        if self.target_shape is not None and self.target_shape not in TARGET_SHAPES:
+            raise TaskError(
+                f"task {self.name!r}: target_shape must be one of {TARGET_SHAPES} or None, got {self.target_shape!r}"
+            )
 
     @property
     def is_primary(self) -> bool:
@@ -114,20 +201,29 @@ class Task:
 
     @classmethod
     def classification(cls, name: str, role: Role = "auxiliary") -> Task:
-        return cls(name, cross_entropy, role, {"accuracy": accuracy}, higher_is_better=True)
+        """Logits (B, C, ...) against class indices (B, ...) or soft labels (B, C, ...)."""
+        return cls(name, cross_entropy, role, {"accuracy": accuracy}, higher_is_better=True, target_shape="class_dim")
 
     @classmethod
     def regression(cls, name: str, role: Role = "auxiliary") -> Task:
-        return cls(name, mse, role, {"mse": squared_error, "mae": absolute_error})
+        """Predictions and targets of one shape: a (B, 1) head needs (B, 1) targets, not (B,)."""
+        return cls(name, mse, role, {"mse": squared_error, "mae": absolute_error}, target_shape="same")
 
     def per_sample_loss(self, output: Tensor, target: Tensor) -> Tensor:
-        """Unreduced loss with shape checks that name this task."""
-        if output.shape[:1] != target.shape[:1]:
+        """Unreduced loss, after shape checks that name this task (see the class docstring)."""
+        if not isinstance(output, Tensor) or not isinstance(target, Tensor):
+            raise TaskError(
+                f"task {self.name!r}: output and target must be tensors, got "
+                f"{type(output).__name__} and {type(target).__name__}"
+            )
+        if output.dim() == 0 or target.dim() == 0 or output.shape[0] != target.shape[0]:
             raise TaskError(
                 f"task {self.name!r}: output has batch size {output.shape[0] if output.dim() else 'none'} "
                 f"but target has {target.shape[0] if target.dim() else 'none'} "
                 f"(output shape {tuple(output.shape)}, target shape {tuple(target.shape)})"
             )
+        if self.target_shape is not None:
+            check_target_shape(f"task {self.name!r}", output, target, self.target_shape)
         try:
             losses = self.loss(output, target)
         except (RuntimeError, ValueError, IndexError) as error:
@@ -135,11 +231,7 @@ class Task:
                 f"task {self.name!r}: loss failed on output shape {tuple(output.shape)} and target "
                 f"shape {tuple(target.shape)}: {error}"
             ) from error
-        if losses.dim() == 0 or losses.shape[0] != output.shape[0]:
-            raise TaskError(
-                f"task {self.name!r}: loss must return one value per sample (shape ({output.shape[0]}, ...)), "
-                f"got shape {tuple(losses.shape)}; use reduction='none'"
-            )
+        check_unreduced(f"task {self.name!r}: loss", losses, output, target)
         return losses
 
     def compute_loss(
@@ -172,7 +264,7 @@ class Task:
     def new_metrics(self) -> dict[str, Metric]:
         made: dict[str, Metric] = {}
         for metric_name, factory in self.metrics.items():
-            made[metric_name] = _make_metric(factory)
+            made[metric_name] = _make_metric(factory, self.name)
         return made
 
     def _check_mask(self, mask: Tensor, per_sample: Tensor) -> Tensor:
@@ -184,10 +276,10 @@ class Task:
         return mask.to(per_sample.dtype)
 
 
-def _make_metric(factory: Callable[..., object]) -> Metric:
+def _make_metric(factory: Callable[..., object], task: str) -> Metric:
     if isinstance(factory, type):
         return factory()  # type: ignore[return-value]
-    return MeanMetric(factory)  # type: ignore[arg-type]
+    return MeanMetric(factory, task)  # type: ignore[arg-type]
 
 
 class TaskSet(Sequence[Task]):
@@ -222,7 +314,7 @@ class TaskSet(Sequence[Task]):
             return task
         if isinstance(task, str):
             role: Role = "primary" if task == primary else "auxiliary"
-            return Task(task, mse, role)
+            return Task(task, mse, role, target_shape="same")
         raise TaskError(f"expected a Task or a task name, got {type(task).__name__}")
 
     def __getitem__(self, index):  # type: ignore[override]

@@ -252,11 +252,16 @@ class AuxNAS(nn.Module):
             for i, block in enumerate(branch):
                 if not isinstance(block, nn.Module):
                     raise TypeError(f"branch {task!r}: block {i} is a {type(block).__name__}, not an nn.Module")
+        heads = {primary: primary_head, **aux_heads}
+        # a parameter in two branches, or in a block and a head, would be both shared and a task's
         owner: dict[int, str] = {}
         for task, branch in blocks.items():
-            for p in (p for block in branch for p in block.parameters()):
-                if owner.setdefault(id(p), task) != task:
-                    raise ValueError(f"branches {owner[id(p)]!r} and {task!r} share parameters: give each branch its own blocks")
+            for part, modules in (("blocks", branch), ("head", [heads[task]])):
+                where = f"branch {task!r} ({part})"
+                for p in (p for module in modules for p in module.parameters()):
+                    if owner.setdefault(id(p), where) != where:
+                        raise ValueError(f"{owner[id(p)]} and {where} share parameters: give each branch its own "
+                                         "blocks and head")
         if stages is None:
             stage_lengths = [1] * depth
         else:
@@ -287,7 +292,6 @@ class AuxNAS(nn.Module):
             self.incoming.setdefault((c.target, c.target_layer), []).append(index)
 
         widths = {task: _channels(task, blocks[task], channels.get(task)) for task in blocks}
-        heads = {primary: primary_head, **aux_heads}
         self.branches = nn.ModuleDict({
             task: SingleTaskNetwork(
                 [make_layer(b, widths[task][i], features, (task, i) in self.incoming, fusion_norm)
@@ -332,8 +336,9 @@ class AuxNAS(nn.Module):
         return [self.alpha_logits] if self.alpha_logits is not None else []
 
     def own_parameters(self) -> list[nn.Parameter]:
-        """Parameters the model trains itself in :meth:`own_step`; the Trainer's optimizer skips them."""
-        return self.architecture_parameters()
+        """Parameters the model trains itself in :meth:`own_step`; the Trainer's optimizer skips them.
+        Frozen α (``requires_grad=False``) is not trained: then there are none."""
+        return [p for p in self.architecture_parameters() if p.requires_grad]
 
     # ------------------------------------------------------------------ α
     def dropped(self) -> Tensor:
@@ -388,8 +393,9 @@ class AuxNAS(nn.Module):
     def own_step(self, losses: Mapping[str, Tensor], *, step: int, total_steps: int, batch_in_epoch: int) -> dict[str, Any] | None:
         """On every second batch of an epoch, one Adam step of α on this batch's losses plus
         λ(step/total_steps)·‖α^{aux→prim}‖₁ and return what was done; otherwise ``None`` (the
-        batch is the weights'). Raises before touching any state if the gradient is not finite."""
-        if self.alpha_logits is None or batch_in_epoch % 2 == 0:
+        batch is the weights'; every batch is when α is frozen or absent). Raises before touching
+        any state if the gradient is not finite."""
+        if not self.own_parameters() or batch_in_epoch % 2 == 0:
             return None
         lam = self.schedule(step / max(total_steps, 1))
         if self.architecture_loss == "primary":

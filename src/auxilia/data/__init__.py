@@ -1,7 +1,10 @@
 """Dataset loaders and generators.
 
 Loaders take a ``data_dir`` (default: :func:`default_data_dir`), check standard files by SHA-256,
-raise :class:`DatasetMissing` naming a missing file and where to get it, and never download.
+raise :class:`DatasetMissing` naming a missing file and where to get it, and never download. Nothing
+is unpickled unless it can only build arrays: CIFAR-10's python batches (no known digest) go
+through a restricted unpickler, ``.npy`` files are read with ``allow_pickle=False`` and caches with
+``torch.load(weights_only=True)``.
 Derived data (Multi-MNIST, decoded CIFAR-10 JPEGs) is cached in :func:`cache_dir`.
 
 ============================ ===============================================================

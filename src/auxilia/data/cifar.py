@@ -6,7 +6,10 @@ Two on-disk layouts are read:
 * the standard python batches (``cifar-10-batches-py/data_batch_1`` .. ``data_batch_5`` and
   ``test_batch``, pickled dictionaries with ``data`` (N, 3072) uint8 rows, channel-major, and
   ``labels``), either unpacked in ``<data_dir>/cifar-10-batches-py/`` or inside the original
-  ``<data_dir>/cifar-10-python.tar.gz``;
+  ``<data_dir>/cifar-10-python.tar.gz``. No digest is known for the batches themselves, so they are
+  unpickled by :class:`BatchUnpickler`, which builds only numpy arrays and plain containers: a
+  crafted batch that names any other callable (the way a pickle runs code) is refused with
+  :class:`~auxilia.data.common.DatasetCorrupt` before anything is called;
 * a JPEG tree in ``<data_dir>/cifar10/cifar10-jpg-q75.tar.xz`` (``train/<class>/NNNN.jpg``,
   ``test/<class>/NNNN.jpg``). Decoding it needs Pillow (``pip install 'auxilia[data]'``); the
   decoded uint8 arrays are cached after the first read, so later loads take a fraction of a second.
@@ -22,6 +25,7 @@ import pickle
 import tarfile
 from collections.abc import Iterator
 from pathlib import Path
+from typing import IO, Any
 
 import numpy as np
 import torch
@@ -102,8 +106,36 @@ def read_cifar10_jpeg(archive: PathLike, limit: int | None = None) -> dict[str, 
     return out
 
 
-def _unpickle(handle, where: str) -> tuple[np.ndarray, np.ndarray]:
-    batch = pickle.load(handle, encoding="bytes")
+class BatchUnpickler(pickle.Unpickler):
+    """An unpickler for CIFAR-10's python batches that resolves only the globals a pickled numpy
+    array needs (and ``_codecs.encode``, how protocol 2 spells ``bytes``): unpickling calls whatever
+    global a file names, so an unverified file must not name anything else."""
+
+    ALLOWED = frozenset({
+        ("_codecs", "encode"),
+        ("numpy", "ndarray"),
+        ("numpy", "dtype"),
+        ("numpy.core.multiarray", "_reconstruct"),
+        ("numpy._core.multiarray", "_reconstruct"),
+        ("numpy.core.multiarray", "scalar"),
+        ("numpy._core.multiarray", "scalar"),
+        ("numpy.core.numeric", "_frombuffer"),
+        ("numpy._core.numeric", "_frombuffer"),
+    })
+
+    def find_class(self, module: str, name: str) -> Any:
+        if (module, name) not in self.ALLOWED:
+            raise pickle.UnpicklingError(f"it names {module}.{name}, which is not part of a numpy array")
+        return super().find_class(module, name)
+
+
+def _unpickle(handle: IO[bytes], where: str) -> tuple[np.ndarray, np.ndarray]:
+    try:
+        batch = BatchUnpickler(handle, encoding="bytes").load()
+    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, IndexError) as error:
+        raise DatasetCorrupt(f"{where}: refused, not a plain CIFAR-10 batch ({error})") from None
+    if not isinstance(batch, dict):
+        raise DatasetCorrupt(f"{where}: not a CIFAR-10 batch (a {type(batch).__name__}, not a dict)")
     batch = {k.decode() if isinstance(k, bytes) else k: v for k, v in batch.items()}
     if "data" not in batch or "labels" not in batch:
         raise DatasetCorrupt(f"{where}: not a CIFAR-10 batch (keys {sorted(batch)})")

@@ -80,7 +80,7 @@ class NYUv2(Dataset):
         path = self.root / folder / f"{index}.npy"
         if not path.exists():
             raise DatasetMissing(path, SOURCE)
-        return np.load(path, mmap_mode="r" if self.mmap else None)
+        return np.load(path, mmap_mode="r" if self.mmap else None, allow_pickle=False)
 
     def __getitem__(self, index: int) -> tuple[Tensor, dict[str, Tensor]]:
         if not -self.size <= index < self.size:

@@ -30,6 +30,7 @@ def build(seed: int, data_dir: str | Path | None = None, budget: float = 1.0) ->
         name: TaskDataset(data.inputs[idx], {t: v[idx] for t, v in data.targets.items()})
         for name, idx in data.splits.items()
     }
+    torch.manual_seed(seed)
     tasks = [Task.classification("income", role="primary")]
     heads: dict[str, nn.Module] = {"income": nn.Linear(128, 2)}
     for column in AUXILIARY:
@@ -39,7 +40,6 @@ def build(seed: int, data_dir: str | Path | None = None, budget: float = 1.0) ->
         else:
             tasks.append(Task.regression(column))
             heads[column] = nn.Sequential(nn.Linear(128, 1), Squeeze())
-    torch.manual_seed(seed)
     model = MultiTaskModel(mlp_encoder(data.inputs.shape[1], (256, 128)), heads)
     return Setup(
         model=model, tasks=tasks, datasets=datasets,

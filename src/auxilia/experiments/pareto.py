@@ -18,6 +18,7 @@ import numpy as np
 
 from ..report import _pyplot, load_results, save_figure
 from .base import Experiment
+from .results import output_path
 from .runner import finished_runs, run_key, run_one
 
 SWEPT, REFERENCE = "auxinash", "nash-mtl"
@@ -57,7 +58,7 @@ def run_sweep(
     overrides = dict(trainer_overrides or {})
     done = finished_runs(out)
     for method, run_seed, hp in sweep_runs(points, seed, margin):
-        key = run_key(experiment.name, method, run_seed, budget, hp, overrides)
+        key = run_key(experiment.name, method, run_seed, budget, hp, overrides, device=device)
         label = f"{method} p={hp['preferences']}" if "preferences" in hp else f"{method} seed {run_seed}"
         if key in done:
             log(f"{experiment.name} {label}: already in {out / 'results.jsonl'}, skipped")
@@ -157,9 +158,10 @@ def report_sweep(out: str | Path, experiment: str, plots: bool = True) -> str:
     metrics = default_metrics(records)
     fronts = front_points(records, metrics)
     table = format_sweep(fronts, metrics)
-    (out / "pareto_table.md").write_text(table + "\n")
+    output_path(out, "pareto_table.md").write_text(table + "\n")
     if plots:
-        plot_fronts(fronts, metrics, out / "pareto_front.png", title=f"{experiment}: fixed-p AuxiNash vs Nash-MTL")
+        plot_fronts(fronts, metrics, output_path(out, "pareto_front.png"),
+                    title=f"{experiment}: fixed-p AuxiNash vs Nash-MTL")
     return table
 
 

@@ -3,24 +3,37 @@
 A method that is itself a search (``search_space`` returns candidates, e.g. ``hpo-random``) trains
 one run per candidate and keeps the one best on ``val``; ``test`` is read only for the kept run's
 report, never to choose.
+
+:func:`check_grid` validates a whole grid (options, hyperparameters, data) before anything trains,
+so that a mistake fails at once instead of after the runs before it. Every record carries what is
+needed to tell where it came from: the auxilia version, the git commit of the package's checkout
+(``None`` when it is not one), the device, the start time (ISO 8601, UTC) and the wall time.
 """
 
 from __future__ import annotations
 
+import datetime
+import functools
 import json
 import math
 import platform
+import subprocess
 import time
-from collections.abc import Mapping
+import warnings
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from .. import distributed
+from .. import __version__, distributed
 from .. import methods as method_registry
+from ..data import DatasetCorrupt, DatasetMissing
 from ..training.trainer import FitResult, Trainer
-from .base import Experiment, Setup
+from .base import Experiment, Setup, UsageError
+from .results import RESULTS, append_record, finished_runs, output_path, refuse_links_under
+
+__all__ = ["check_grid", "finished_runs", "method_hyperparameters", "run_key", "run_one"]
 
 
 def method_hyperparameters(
@@ -31,6 +44,46 @@ def method_hyperparameters(
     chosen = dict(experiment_defaults.get(name, {}))
     chosen.update({k: v for k, v in overrides.items() if k in accepted})
     return chosen
+
+
+def check_grid(
+    experiment: Experiment,
+    method_names: Iterable[str],
+    *,
+    seed: int = 0,
+    data_dir: str | Path | None = None,
+    budget: float = 1.0,
+    hyperparameters: Mapping[str, Any] | None = None,
+    options: Mapping[str, Any] | None = None,
+) -> None:
+    """Raise :class:`UsageError` for anything in the grid that would fail: an unknown method, a
+    hyperparameter no chosen method accepts or one a method refuses, an option the experiment does
+    not declare or of the wrong type, missing or damaged data. Builds the experiment once (for
+    ``seed``) and every method for its tasks; trains nothing."""
+    names = list(method_names)
+    overrides = dict(hyperparameters or {})
+    options = dict(options or {})
+    for name in names:
+        try:
+            method_registry.get(name)
+        except ValueError as error:
+            raise UsageError(str(error)) from None
+    for key in overrides:
+        if not any(key in method_registry.hyperparameters(name) for name in names):
+            raise UsageError(f"no chosen method ({', '.join(names)}) accepts hyperparameter {key!r}; "
+                             "see 'auxilia methods -v'")
+    experiment.check_options(options)
+    try:
+        setup = experiment.setup(seed, data_dir, budget, **options)
+    except (ValueError, TypeError, KeyError, DatasetMissing, DatasetCorrupt) as error:
+        shown = " ".join(f"{k}={json.dumps(_jsonable(v))}" for k, v in options.items())
+        raise UsageError(f"experiment {experiment.name!r}{' with ' + shown if shown else ''}: {error}") from None
+    for name in names:
+        hp = method_hyperparameters(name, setup.method_defaults, overrides)
+        try:
+            method_registry.create(name, setup.tasks, **hp)
+        except (ValueError, TypeError, KeyError) as error:
+            raise UsageError(f"method {name!r}: {error}") from None
 
 
 def _train(
@@ -59,27 +112,39 @@ def _train(
 def run_key(
     experiment: str, method: str, seed: int, budget: float,
     hyperparameters: Mapping[str, Any], trainer_overrides: Mapping[str, Any],
-    options: Mapping[str, Any] | None = None,
+    options: Mapping[str, Any] | None = None, *, device: str = "cpu",
 ) -> str:
-    """Identifies a run in ``results.jsonl``, so that a grid can resume without redoing finished runs."""
-    settings = {k: v for k, v in trainer_overrides.items() if v is not None and k not in ("progress",)}
-    parts = [experiment, method, seed, budget, _jsonable(hyperparameters), _jsonable(settings)]
-    if options:
-        parts.append(_jsonable(options))
-    return json.dumps(parts, sort_keys=True)
+    """Identifies a run in ``results.jsonl``, so that a grid resumes without redoing finished runs
+    and a changed setting is never taken for a finished run.
+
+    It holds everything the user chose that changes the result: the experiment, method and seed,
+    the budget, the hyperparameters given that this method accepts, the trainer settings given
+    (epochs, max steps, batch size, amp), the experiment's options (including ``arch``) and the
+    device type. Not the data directory: every dataset file is checked against its SHA-256 (the
+    CIFAR-10 python batches, with no known digest, are only read as plain arrays), so the same key
+    means the same data wherever it lives. Not the number of processes: ``--nproc`` takes the
+    single-process step on the same global batch.
+    """
+    try:
+        accepted = method_registry.hyperparameters(method)
+        hyperparameters = {k: v for k, v in hyperparameters.items() if k in accepted}
+    except ValueError:  # a method no longer registered keeps what was recorded
+        pass
+    settings = {k: v for k, v in trainer_overrides.items() if v is not None and k != "progress"}
+    key = {
+        "experiment": experiment, "method": method, "seed": seed, "budget": budget,
+        "hyperparameters": _jsonable(hyperparameters), "trainer": _jsonable(settings),
+        "options": _jsonable(dict(options or {})), "device": torch.device(device).type,
+    }
+    return json.dumps(key, sort_keys=True)
 
 
-def finished_runs(out: str | Path) -> set[str]:
-    path = Path(out) / "results.jsonl"
-    if not path.exists():
-        return set()
-    keys = set()
-    for line in path.read_text().splitlines():
-        if line.strip():
-            key = json.loads(line).get("run_key")
-            if key:
-                keys.add(key)
-    return keys
+def configuration(key: str) -> dict[str, Any]:
+    """What a run key says about the configuration, without the seed: the runs of one
+    configuration are the seeds of one row of a table."""
+    parsed = json.loads(key)
+    parsed.pop("seed", None)
+    return parsed
 
 
 def run_one(
@@ -95,13 +160,16 @@ def run_one(
     trainer_overrides: Mapping[str, Any] | None = None,
     options: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Train ``method_name`` on ``experiment`` with ``seed``; append and return the result record."""
+    """Train ``method_name`` on ``experiment`` with ``seed``; append and return the result record
+    (not appended when another process recorded the same run meanwhile)."""
     out = Path(out)
     overrides = dict(hyperparameters or {})
     options = dict(options or {})
     trainer_overrides = dict(trainer_overrides or {})
     label = f"{options['arch']}/{method_name}" if options.get("arch") else method_name
-    run_dir = out / "runs" / experiment.name / label / f"seed{seed}"
+    run_dir = output_path(out, "runs", experiment.name, *label.split("/"), f"seed{seed}")
+    refuse_links_under(out, run_dir)
+    started_at = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
     started = time.perf_counter()
 
     setup = experiment.setup(seed, data_dir, budget, **options)
@@ -138,7 +206,8 @@ def run_one(
 
     config = trainer.config
     record: dict[str, Any] = {
-        "run_key": run_key(experiment.name, method_name, seed, budget, overrides, trainer_overrides, options),
+        "run_key": run_key(experiment.name, method_name, seed, budget, overrides, trainer_overrides, options,
+                           device=device),
         "experiment": experiment.name,
         "method": method_name,
         "label": label,
@@ -156,6 +225,8 @@ def run_one(
         "time_per_step_s": result.time_per_step_s,
         "peak_memory_bytes": result.peak_memory_bytes,
         "wall_time_s": time.perf_counter() - started,
+        "started_at": started_at,
+        **provenance(),
         "config": {
             "hyperparameters": _jsonable(hp),
             "epochs": config.epochs,
@@ -165,17 +236,47 @@ def run_one(
             "options": _jsonable(options),
             "notes": setup.notes,
             "device": device,
+            "device_name": _device_name(device),
+            "world_size": distributed.world_size(),
             "amp": config.amp,
             "torch": torch.__version__,
             "machine": platform.machine(),
             "search": search or None,
         },
     }
-    if distributed.is_main():  # under torchrun every process trained; rank 0 holds the results
-        out.mkdir(parents=True, exist_ok=True)
-        with (out / "results.jsonl").open("a") as f:
-            f.write(json.dumps(_jsonable(record)) + "\n")
+    # under torchrun every process trained; rank 0 holds the results
+    if distributed.is_main() and not append_record(out, _jsonable(record)):
+        warnings.warn(f"{out / RESULTS}: {experiment.name} {label} seed {seed} was recorded meanwhile by "
+                      "another process; that record is kept", stacklevel=2)
     return record
+
+
+@functools.lru_cache(maxsize=1)
+def provenance() -> dict[str, Any]:
+    """The auxilia version, and the commit of the git checkout the package is imported from
+    (``None`` when it is not in one, e.g. installed from a wheel, or git is missing) with whether
+    tracked files differ from it."""
+    package = Path(__file__).resolve().parents[1]
+
+    def git(*args: str) -> str:
+        return subprocess.run(["git", "--no-optional-locks", *args], cwd=package, capture_output=True, text=True,
+                              timeout=10, check=True).stdout.strip()
+
+    commit, dirty = None, None
+    try:
+        git("ls-files", "--error-unmatch", "__init__.py")  # a checkout of this package, not one it sits in
+        commit = git("rev-parse", "HEAD")
+        dirty = bool(git("status", "--porcelain", "--untracked-files=no"))
+    except (OSError, subprocess.SubprocessError):
+        pass
+    return {"auxilia_version": __version__, "git_commit": commit, "git_dirty": dirty}
+
+
+def _device_name(device: str) -> str:
+    where = torch.device(device)
+    if where.type == "cuda" and torch.cuda.is_available():
+        return torch.cuda.get_device_name(where)
+    return platform.processor() or platform.machine()
 
 
 def _higher(trainer: Trainer) -> bool:

@@ -50,6 +50,15 @@ class SelfSupervisedViews(MultiTaskModel):
         self.primary = primary
         self.rotation = "rotation" in heads
         self.colour = "colour" in heads
+        tied = {id(p) for p in self.normalize.parameters()} & {id(p) for p in self.heads.parameters()}
+        if tied:
+            raise ValueError("normalize shares parameters with a head; shared and task parameters must be disjoint")
+
+    def shared_parameters(self) -> list[nn.Parameter]:
+        """The encoder's and, when it learns any, ``normalize``'s: every view goes through both."""
+        encoder = super().shared_parameters()
+        seen = {id(p) for p in encoder}
+        return encoder + [p for p in self.normalize.parameters() if p.requires_grad and id(p) not in seen]
 
     def forward_with_representation(self, x: Tensor):
         permuted = None

@@ -14,6 +14,22 @@ method nothing but what :class:`~auxilia.methods.Method` declares. The model con
   batch after the losses; a non-``None`` result means the batch was spent there and no weight step
   follows. ``own_parameters()`` are left out of the optimizer.
 
+Non-finite steps (``nonfinite="skip"``). A training step, an architecture step (``own_step``) or a
+meta step that meets a non-finite loss or gradient changes nothing: no ``.grad`` survives it, the
+optimizer and scheduler do not step, the method's whole state and every model buffer (BatchNorm
+running statistics and ``num_batches_tracked`` included) are restored to their values before the
+forward. The step still counts in ``Trainer.step`` (the data order and the random streams advance
+as if it had been taken, so a run with skips repeats and resumes exactly) and in ``skipped`` (or
+``skipped_meta``). A run with some skipped steps succeeds and reports them in
+:class:`FitResult`; a run whose every step was skipped raises :class:`AllStepsSkippedError`.
+
+Logs and checkpoints. ``log.csv`` is flushed at every log call. A checkpoint holds the model,
+method, optimizer, scheduler, counters, selection state and random streams, with a SHA-256 checksum
+of them and the settings that define the run's schedule (:data:`RUN_SETTINGS`); loading verifies
+both and raises :class:`CheckpointError` naming the file on any mismatch, damage or foreign file
+(checkpoints of the earlier format, without checksum, are refused). Resuming truncates ``log.csv``
+to the rows the checkpoint covers (see :meth:`Trainer.fit`).
+
 Under ``torchrun`` (a process group of more than one process) each process trains on its contiguous
 part of every global batch and the method averages what it needs (see :mod:`auxilia.distributed`),
 so every process takes the step one process would take on the whole batch; meta batches are shared
@@ -22,12 +38,15 @@ out the same way. Only rank 0 evaluates, logs and writes checkpoints.
 
 from __future__ import annotations
 
+import hashlib
 import math
+import os
 import random
 import resource
 import sys
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -46,6 +65,19 @@ from .logging import RunLogger
 OptimizerFactory = Callable[[list[dict[str, Any]]], torch.optim.Optimizer]
 SchedulerFactory = Callable[[torch.optim.Optimizer, int], Any]
 SPLITS = ("train", "aux", "val", "test")
+CHECKPOINT_FORMAT = "auxilia.training.Trainer"
+CHECKPOINT_VERSION = 2
+# what fixes a run's schedule (the scheduler's total, the data order): a resumed run must agree
+RUN_SETTINGS = ("total_steps", "steps_per_epoch", "batch_size", "seed")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be resumed from: unreadable, corrupted, not a Trainer checkpoint,
+    or written by a run with other settings. The message names the file."""
+
+
+class AllStepsSkippedError(RuntimeError):
+    """Every training step of a run was skipped as non-finite: the model was never trained."""
 
 
 @dataclass
@@ -174,6 +206,7 @@ class Trainer:
         self.batch_in_epoch = 0
         self.skipped = 0
         self.skipped_meta = 0
+        self.skipped_tasks: list[str] = []  # what was non-finite in the skipped steps, in order met
         self.best_value: float | None = None
         self.best_epoch = -1
         self.best_state: dict[str, Tensor] | None = None
@@ -215,24 +248,27 @@ class Trainer:
         inputs, targets, masks = to_device(batch, self.device)
         self.model.train()
         self.optimizer.zero_grad(set_to_none=True)
-        snapshot = {k: v.detach().clone() for k, v in self.method.state_dict().items()}
         try:
-            with self._autocast():
-                representation, outputs = self._forward(inputs)
-            losses = self._losses_everywhere(outputs, targets, masks)
-            if self._own_step is not None:
-                own = self._own_step(losses, step=self.step, total_steps=self.total_steps, batch_in_epoch=self.batch_in_epoch)
-                if own is not None:  # the model spent this batch on its own parameters: no weight step
-                    return {"losses": {k: float(v.detach().mean()) for k, v in losses.items()}, "own": own}
-            info = self.method.backward(losses, self.shared, self.heads, representation)
-            self._check_gradients()
+            with unchanged_on_error(self.model, self.method):
+                with self._autocast():
+                    representation, outputs = self._forward(inputs)
+                losses = self._losses_everywhere(outputs, targets, masks)
+                if self._own_step is not None:
+                    own = self._own_step(losses, step=self.step, total_steps=self.total_steps, batch_in_epoch=self.batch_in_epoch)
+                    if own is not None:  # the model spent this batch on its own parameters: no weight step
+                        return {"losses": {k: float(v.detach().mean()) for k, v in losses.items()}, "own": own}
+                info = self.method.backward(losses, self.shared, self.heads, representation)
+                self._check_gradients()
         except NonFiniteLossError as error:
             self.optimizer.zero_grad(set_to_none=True)
-            self.method.load_state_dict(snapshot)
             if self.config.nonfinite == "raise":
                 raise
             self.skipped += 1
-            self._log("train", {"skipped_step": 1.0, "skipped_task": float(self.tasks.names.index(error.task)) if error.task in self.tasks.names else -1.0})
+            if error.task not in self.skipped_tasks:
+                self.skipped_tasks.append(error.task)
+            task = float(self.tasks.names.index(error.task)) if error.task in self.tasks.names else -1.0
+            # logged under the step count this step ends at, as a step that is taken is (_record)
+            self._log("train", {"skipped_step": 1.0, "skipped_task": task}, step=self.step + 1)
             return None
         if self.config.max_grad_norm is not None:
             torch.nn.utils.clip_grad_norm_([p for g in self.optimizer.param_groups for p in g["params"]], self.config.max_grad_norm)
@@ -250,10 +286,11 @@ class Trainer:
         return info
 
     def _meta_step(self) -> dict[str, Any]:
-        """The method's meta step; one that meets a non-finite loss or gradient leaves the method as
-        it was (its own guarantee) and, under ``nonfinite="skip"``, is skipped and counted."""
+        """The method's meta step; one that meets a non-finite loss or gradient leaves the method
+        and the model's buffers as they were and, under ``nonfinite="skip"``, is skipped and counted."""
         try:
-            with distributed.sharded(1, self.world):  # equal shares of each meta batch (MetaBatches)
+            # equal shares of each meta batch (MetaBatches)
+            with unchanged_on_error(self.model, self.method), distributed.sharded(1, self.world):
                 info = self.method.meta_step(self._meta_context())
         except FloatingPointError:  # NonFiniteLossError included
             if self.config.nonfinite == "raise":
@@ -377,7 +414,10 @@ class Trainer:
         """Train to the end (or to step ``stop_at``, for tests of resumption), select on ``val``, test once.
 
         With ``checkpoint``, state is saved there every ``checkpoint_every`` steps and at each
-        epoch's end; if the file exists the run resumes from it.
+        epoch's end; if the file exists the run resumes from it (:meth:`load_checkpoint`), and
+        ``log.csv`` is cut back to the rows written before that checkpoint, so that a run killed at
+        any point and resumed ends with the rows of an uninterrupted run, once each. Raises
+        :class:`AllStepsSkippedError` when every step of the finished run was skipped as non-finite.
         """
         checkpoint = Path(checkpoint) if checkpoint is not None else None
         resumed = checkpoint is not None and checkpoint.exists()
@@ -385,19 +425,22 @@ class Trainer:
             self.load_checkpoint(checkpoint)
         else:
             seed_everything(self.config.seed)
-        self._logger = RunLogger(self.log_dir if self.main else None, tensorboard=self.config.tensorboard and self.main, resume=resumed)
+        self._logger = RunLogger(self.log_dir if self.main else None, tensorboard=self.config.tensorboard and self.main,
+                                 keep=self._logged_before_checkpoint if resumed else None)
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
         progress = self._progress()
         stopped = False
         try:
-            while self.epoch < self.config.epochs and self.step < self.total_steps:
+            # an epoch whose last step is taken but whose end (selection) is not, e.g. resumed from a
+            # checkpoint of that step, still ends
+            while self.epoch < self.config.epochs and (self.step < self.total_steps or self.batch_in_epoch > 0):
                 start = time.perf_counter()
                 batches = epoch_batches(
                     self.datasets["train"], self.config.batch_size, seed=self.config.seed, epoch=self.epoch,
                     skip=self.batch_in_epoch, drop_last=self.config.drop_last,
                     shard=(distributed.rank(), self.world) if self.world > 1 else None,
-                )
+                ) if self.step < self.total_steps else []
                 for batch in batches:
                     info = self.train_step(batch)
                     self.step += 1
@@ -425,12 +468,28 @@ class Trainer:
                     self.batch_in_epoch = 0
                     if checkpoint is not None:
                         self.save_checkpoint(checkpoint)
+            if not stopped and self.step > 0 and self.skipped >= self.step:
+                seen = ", ".join(repr(t) for t in self.skipped_tasks)
+                raise AllStepsSkippedError(
+                    f"all {self.step} training steps were skipped as non-finite (seen in: {seen}); the model "
+                    "was never updated, so no result is reported: check the data, the learning rate or amp"
+                )
+            return self._result(stopped)
         finally:
             if progress is not None:
                 progress.close()
-        result = self._result(stopped)
-        self._logger.close()
-        return result
+            self._logger.close()
+
+    def _logged_before_checkpoint(self, step: int, split: str) -> bool:
+        """Whether a ``log.csv`` row was written before the checkpoint just loaded was saved.
+
+        At a step count S the loop logs, in order: the step's ``train`` rows; a mid-epoch checkpoint;
+        at an epoch's end the ``val`` rows, then the epoch-end checkpoint (``batch_in_epoch`` back to
+        0); after the last epoch the ``*/final`` rows, which no checkpoint covers.
+        """
+        if step != self.step:
+            return step < self.step
+        return split == "train" or (split == "val" and self.batch_in_epoch == 0)
 
     def _result(self, stopped: bool) -> FitResult:
         metrics: dict[str, dict[str, float]] = {}
@@ -468,9 +527,9 @@ class Trainer:
                 values[key] = value
         self._log("train", values)
 
-    def _log(self, split: str, values: Mapping[str, Any]) -> None:
+    def _log(self, split: str, values: Mapping[str, Any], step: int | None = None) -> None:
         if self._logger is not None:
-            self._logger.log(self.step, self.epoch, split, values)
+            self._logger.log(self.step if step is None else step, self.epoch, split, values)
 
     def _progress(self):
         if not self.config.progress or not self.main:
@@ -482,14 +541,21 @@ class Trainer:
         return tqdm(total=self.total_steps, initial=self.step, desc=self.method.name, leave=False)
 
     # ------------------------------------------------------------------ checkpoints
+    def run_settings(self) -> dict[str, int]:
+        """The settings a checkpoint must share with the run resuming from it (:data:`RUN_SETTINGS`)."""
+        values = {"total_steps": self.total_steps, "steps_per_epoch": self.steps_per_epoch,
+                  "batch_size": self.config.batch_size, "seed": self.config.seed}
+        return {name: int(values[name]) for name in RUN_SETTINGS}
+
     def state_dict(self) -> dict[str, Any]:
         return {
+            "settings": self.run_settings(),
             "model": self.model.state_dict(),
             "method": self.method.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
             "counters": {"step": self.step, "epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch, "skipped": self.skipped,
-                         "skipped_meta": self.skipped_meta},
+                         "skipped_meta": self.skipped_meta, "skipped_tasks": list(self.skipped_tasks)},
             "selection": {"best_value": self.best_value, "best_epoch": self.best_epoch, "best_state": self.best_state},
             "weights_history": self.weights_history,
             "train_time": self._train_time,
@@ -502,6 +568,19 @@ class Trainer:
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore a :meth:`state_dict`; raises :class:`CheckpointError` when it was taken under other
+        :meth:`run_settings` (resuming would silently follow the old schedule)."""
+        saved = state.get("settings")
+        if not isinstance(saved, Mapping):
+            raise CheckpointError("the state holds no run settings; it is not a Trainer state_dict")
+        ours = self.run_settings()
+        differ = [f"{name}={saved.get(name)!r} there, {ours[name]!r} here" for name in RUN_SETTINGS if saved.get(name) != ours[name]]
+        if differ:
+            raise CheckpointError(
+                "it was written by a run with other settings (" + "; ".join(differ) + "): resume with the "
+                "settings it was written with (epochs, max_steps, batch_size, drop_last, seed, training set) "
+                "or start a new run"
+            )
         self.model.load_state_dict(state["model"])
         self.method.load_state_dict(state["method"])
         self.optimizer.load_state_dict(state["optimizer"])
@@ -510,7 +589,8 @@ class Trainer:
         counters = state["counters"]
         self.step, self.epoch = counters["step"], counters["epoch"]
         self.batch_in_epoch, self.skipped = counters["batch_in_epoch"], counters["skipped"]
-        self.skipped_meta = counters.get("skipped_meta", 0)
+        self.skipped_meta = counters["skipped_meta"]
+        self.skipped_tasks = list(counters["skipped_tasks"])
         selection = state["selection"]
         self.best_value, self.best_epoch, self.best_state = selection["best_value"], selection["best_epoch"], selection["best_state"]
         self.weights_history = list(state["weights_history"])
@@ -523,20 +603,121 @@ class Trainer:
         random.setstate(_python_restore(rng["python"]))
 
     def save_checkpoint(self, path: str | Path) -> None:
-        """Write atomically: a run stopped mid-write leaves the previous checkpoint intact. Under
-        torchrun only rank 0 writes (every process holds the same state); any number of processes
-        can resume from it."""
-        if not self.main:
-            return
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(path.suffix + ".tmp")
-        torch.save(self.state_dict(), tmp)
-        tmp.replace(path)
+        """Write :meth:`state_dict` with its checksum (:func:`write_checkpoint`), atomically: a run
+        killed mid-write leaves the previous checkpoint intact. Under torchrun only rank 0 writes
+        (every process holds the same state); any number of processes can resume from it."""
+        if self.main:
+            write_checkpoint(path, self.state_dict())
 
     def load_checkpoint(self, path: str | Path) -> None:
-        state = torch.load(path, map_location=self.device, weights_only=True)
-        self.load_state_dict(state)
+        """Resume from ``path``: its checksum is verified and its run settings must equal this run's;
+        any failure raises :class:`CheckpointError` naming the file, before the trainer is changed
+        (except for a model, method or optimizer state that does not fit, found while loading)."""
+        state = read_checkpoint(path, map_location=self.device)
+        try:
+            self.load_state_dict(state)
+        except (KeyError, RuntimeError, ValueError) as error:
+            raise CheckpointError(f"checkpoint {str(path)!r} does not fit this trainer: {error}") from error
+
+
+def write_checkpoint(path: str | Path, state: Mapping[str, Any]) -> None:
+    """Save ``state`` at ``path`` with a format tag and the SHA-256 of its content
+    (:func:`state_digest`), through a temporary file renamed over ``path`` once complete and synced
+    (so a reader never sees half a file). It loads with ``torch.load(..., weights_only=True)`` as the
+    plain mapping ``state`` plus the keys ``format``, ``version`` and ``sha256``."""
+    reserved = sorted({"format", "version", "sha256"} & set(state))
+    if reserved:
+        raise ValueError(f"a checkpointed state cannot have the key {reserved[0]!r}")
+    content = {"format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, **state}
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    with tmp.open("wb") as file:
+        torch.save({**content, "sha256": state_digest(content)}, file)
+        file.flush()
+        os.fsync(file.fileno())
+    tmp.replace(path)
+
+
+def read_checkpoint(path: str | Path, map_location: Any = None) -> dict[str, Any]:
+    """The state :func:`write_checkpoint` saved at ``path``, after checking its checksum.
+
+    Raises :class:`CheckpointError` naming the file when it is truncated or not a torch file, not a
+    Trainer checkpoint, of another format version (checkpoints of auxilia before version 2 carried no
+    checksum and are refused), or corrupted (checksum mismatch); ``FileNotFoundError`` when missing.
+    """
+    where = f"checkpoint {str(path)!r}"
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"{where} does not exist")
+    try:
+        content = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as error:  # torch reports truncation and foreign bytes in many ways
+        raise CheckpointError(f"{where} cannot be read (truncated, or not a torch file): {error}") from error
+    if not isinstance(content, dict) or content.get("format") != CHECKPOINT_FORMAT:
+        if isinstance(content, dict) and {"model", "counters"} <= set(content):
+            raise CheckpointError(f"{where} is an auxilia checkpoint from before format version {CHECKPOINT_VERSION}, "
+                                  "without a checksum; it cannot be verified: start a new run")
+        raise CheckpointError(f"{where} is not an auxilia Trainer checkpoint")
+    if content.get("version") != CHECKPOINT_VERSION:
+        raise CheckpointError(f"{where} has format version {content.get('version')!r}; "
+                              f"this auxilia reads version {CHECKPOINT_VERSION}")
+    checksum = content.pop("sha256", None)
+    if checksum != state_digest(content):
+        raise CheckpointError(f"{where} is corrupted: its content does not match its SHA-256 checksum")
+    return {k: v for k, v in content.items() if k not in ("format", "version")}
+
+
+def state_digest(state: Any) -> str:
+    """SHA-256 of a nested state (mappings, sequences, tensors, numbers, strings): of every key,
+    value, tensor dtype, shape and byte, so that it depends on the content, not on how torch
+    serialized it or onto which device it was loaded."""
+    digest = hashlib.sha256()
+
+    def feed(value: Any) -> None:
+        if isinstance(value, Tensor):
+            flat = value.detach().to("cpu").contiguous().reshape(-1)
+            digest.update(f"tensor {value.dtype} {tuple(value.shape)}:".encode())
+            digest.update(flat.view(torch.uint8).numpy().tobytes() if flat.numel() else b"")
+        elif isinstance(value, Mapping):
+            digest.update(f"map {len(value)}:".encode())
+            for key, item in value.items():
+                feed(key)
+                feed(item)
+        elif isinstance(value, (list, tuple)):
+            digest.update(f"{type(value).__name__} {len(value)}:".encode())
+            for item in value:
+                feed(item)
+        else:
+            digest.update(f"{type(value).__name__} {value!r};".encode())
+
+    feed(state)
+    return digest.hexdigest()
+
+
+@contextmanager
+def unchanged_on_error(model: nn.Module, method: nn.Module) -> Iterator[None]:
+    """Put ``model``'s buffers and ``method``'s whole state back as they were if the block raises.
+
+    A forward in train mode updates BatchNorm running statistics (and ``num_batches_tracked``)
+    before any loss is known to be non-finite, so a step that is then abandoned must undo them; the
+    buffers are small next to the parameters, which a failed step never changes.
+    """
+    buffers = {name: b.detach().clone() for name, b in model.named_buffers()}
+    method_state = {k: v.detach().clone() for k, v in method.state_dict().items()}
+    try:
+        yield
+    except Exception:
+        with torch.no_grad():
+            for name, saved in buffers.items():
+                owner, _, leaf = name.rpartition(".")
+                module = model.get_submodule(owner)
+                current = getattr(module, leaf, None)
+                if isinstance(current, Tensor) and current.shape == saved.shape and current.dtype == saved.dtype:
+                    current.copy_(saved)
+                else:  # replaced by the block with a tensor of another shape or type
+                    setattr(module, leaf, saved)
+        method.load_state_dict(method_state)
+        raise
 
 
 def losses_on_every_process(compute: Callable[[], dict[str, Tensor]], method: Method) -> dict[str, Tensor]:
@@ -584,4 +765,17 @@ def _python_restore(state: Mapping[str, Any]) -> tuple:
     return (state["version"], tuple(state["internal"]), state["gauss"])
 
 
-__all__ = ["FitResult", "Trainer", "TrainerConfig", "losses_on_every_process", "peak_memory_bytes", "seed_everything"]
+__all__ = [
+    "AllStepsSkippedError",
+    "CheckpointError",
+    "FitResult",
+    "Trainer",
+    "TrainerConfig",
+    "losses_on_every_process",
+    "peak_memory_bytes",
+    "read_checkpoint",
+    "seed_everything",
+    "state_digest",
+    "unchanged_on_error",
+    "write_checkpoint",
+]
