@@ -49,20 +49,7 @@ def test_every_method_and_category_is_tried(outcomes):
     assert sum(o.category == "resume" for o in outcomes) >= 6
 
 
-KNOWN_OPEN = {
-    # still open: gradnorm's float32 norms overflow at losses x1e30 (4 cases), and MGDA's tolerance,
-    # relative to the largest Gram entry, misses the min-norm point when a task is 1e-30x (3 cases)
-    "scale": "gradnorm at x1e30 and mgda at a task x1e-30 are not yet handled",
-}
-
-
-@pytest.mark.parametrize(
-    "category",
-    [
-        pytest.param(c, marks=pytest.mark.xfail(strict=True, reason=KNOWN_OPEN[c])) if c in KNOWN_OPEN else c
-        for c in fault_injection.CATEGORIES
-    ],
-)
+@pytest.mark.parametrize("category", fault_injection.CATEGORIES)
 def test_no_case_crashes_or_is_silently_wrong(outcomes, category):
     failing = [o for o in outcomes if o.category == category and o.status != fault_injection.HANDLED]
     assert not failing, "\n".join(f"{o.status}: {o.method} / {o.case}: {o.detail}" for o in failing)

@@ -188,6 +188,7 @@ def min_norm_weights(
     bordered = _bordered(Q)
     right = np.zeros(K + 1)
     right[K] = 1.0
+    lengths = np.sqrt(np.clip(np.diag(Q), 0.0, None))
     newest = -1  # the task that joined the support last, while its weight is still zero
     for _ in range(max_iter if max_iter is not None else 8 * K + 16):
         index = np.array(support)
@@ -197,9 +198,12 @@ def min_norm_weights(
             w[index] = z
             gradient = Q @ w
             level = float(w @ gradient)
-            gradient[index] = np.inf
-            j = int(np.argmin(gradient))
-            if not gradient[j] < level - tol:
+            # g_j·d ≥ ‖d‖² up to tol · ‖g_j‖‖d‖, so that the test is relative to each task's own
+            # scale: a task 1e30 times smaller than another is judged as precisely as the others
+            slack = (gradient - level) / np.maximum(lengths * math.sqrt(max(level, 0.0)), np.finfo(np.float64).tiny)
+            slack[index] = np.inf
+            j = int(np.argmin(slack))
+            if not (slack[j] < -tol and gradient[j] < level):
                 break
             support.append(j)
             newest = j

@@ -213,7 +213,8 @@ class GradNorm(LossWeighting):
             w.mul_(self.num_tasks / w.sum().clamp(min=1e-12))
         layer = next((p for p in reversed(shared) if p.dim() >= 2), None)
         last = [layer] if layer is not None else shared
-        norms = distributed.average(jacobian(losses, last, retain_graph=True)).norm(dim=1)
+        # in float64: the squares of a finite float32 gradient overflow from entries of ~1e19 on
+        norms = torch.linalg.vector_norm(distributed.average(jacobian(losses, last, retain_graph=True)), dim=1, dtype=torch.float64)
         loss_values = distributed.average(torch.stack(losses).detach())
         if not bool(torch.isfinite(norms).all()):
             bad = self.task_names[int((~torch.isfinite(norms)).nonzero()[0])]
@@ -221,10 +222,10 @@ class GradNorm(LossWeighting):
         if not bool(self.initialized):
             self.initial_losses.copy_(loss_values)
             self.initialized.fill_(True)
-        weighted = self.loss_weights * norms.to(self.loss_weights)
+        weighted = self.loss_weights.double() * norms
         rates = loss_values / self.initial_losses.clamp(min=1e-12)
         relative = rates / rates.mean().clamp(min=1e-12)
-        target = (weighted.mean() * relative.pow(self.alpha)).detach()
+        target = (weighted.mean() * relative.double().pow(self.alpha)).detach()
         grad = torch.autograd.grad((weighted - target).abs().sum(), self.loss_weights)[0]
         info = super()._backward(losses, shared, heads, representation)
         if self.loss_weights.grad is None:
