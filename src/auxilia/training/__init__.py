@@ -1,18 +1,16 @@
 """Training: batches, the Trainer, run logs, checkpoints."""
 
+from .checkpoint import CheckpointError, read_checkpoint, write_checkpoint
 from .data import TaskDataset, epoch_batches
 from .logging import RunLogger
 from .trainer import (
     AllStepsSkippedError,
-    CheckpointError,
     FitResult,
     Trainer,
     TrainerConfig,
     peak_memory_bytes,
-    read_checkpoint,
     seed_everything,
     unchanged_on_error,
-    write_checkpoint,
 )
 
 __all__ = [

@@ -38,9 +38,7 @@ out the same way. Only rank 0 evaluates, logs and writes checkpoints.
 
 from __future__ import annotations
 
-import hashlib
 import math
-import os
 import random
 import resource
 import sys
@@ -59,21 +57,15 @@ from torch.utils.data import Dataset
 from .. import distributed
 from ..methods.base import MetaContext, Method
 from ..tasks import NonFiniteLossError, TaskSet
+from .checkpoint import CheckpointError, read_checkpoint, write_checkpoint
 from .data import Batch, MetaBatches, batch_length, epoch_batches, num_batches, to_device
 from .logging import RunLogger
 
 OptimizerFactory = Callable[[list[dict[str, Any]]], torch.optim.Optimizer]
 SchedulerFactory = Callable[[torch.optim.Optimizer, int], Any]
 SPLITS = ("train", "aux", "val", "test")
-CHECKPOINT_FORMAT = "auxilia.training.Trainer"
-CHECKPOINT_VERSION = 2
 # what fixes a run's schedule (the scheduler's total, the data order): a resumed run must agree
 RUN_SETTINGS = ("total_steps", "steps_per_epoch", "batch_size", "seed")
-
-
-class CheckpointError(ValueError):
-    """A checkpoint that cannot be resumed from: unreadable, corrupted, not a Trainer checkpoint,
-    or written by a run with other settings. The message names the file."""
 
 
 class AllStepsSkippedError(RuntimeError):
@@ -620,92 +612,19 @@ class Trainer:
             raise CheckpointError(f"checkpoint {str(path)!r} does not fit this trainer: {error}") from error
 
 
-def write_checkpoint(path: str | Path, state: Mapping[str, Any]) -> None:
-    """Save ``state`` at ``path`` with a format tag and the SHA-256 of its content
-    (:func:`state_digest`), through a temporary file renamed over ``path`` once complete and synced
-    (so a reader never sees half a file). It loads with ``torch.load(..., weights_only=True)`` as the
-    plain mapping ``state`` plus the keys ``format``, ``version`` and ``sha256``."""
-    reserved = sorted({"format", "version", "sha256"} & set(state))
-    if reserved:
-        raise ValueError(f"a checkpointed state cannot have the key {reserved[0]!r}")
-    content = {"format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, **state}
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    with tmp.open("wb") as file:
-        torch.save({**content, "sha256": state_digest(content)}, file)
-        file.flush()
-        os.fsync(file.fileno())
-    tmp.replace(path)
-
-
-def read_checkpoint(path: str | Path, map_location: Any = None) -> dict[str, Any]:
-    """The state :func:`write_checkpoint` saved at ``path``, after checking its checksum.
-
-    Raises :class:`CheckpointError` naming the file when it is truncated or not a torch file, not a
-    Trainer checkpoint, of another format version (checkpoints of auxilia before version 2 carried no
-    checksum and are refused), or corrupted (checksum mismatch); ``FileNotFoundError`` when missing.
-    """
-    where = f"checkpoint {str(path)!r}"
-    if not Path(path).is_file():
-        raise FileNotFoundError(f"{where} does not exist")
-    try:
-        content = torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as error:  # torch reports truncation and foreign bytes in many ways
-        raise CheckpointError(f"{where} cannot be read (truncated, or not a torch file): {error}") from error
-    if not isinstance(content, dict) or content.get("format") != CHECKPOINT_FORMAT:
-        if isinstance(content, dict) and {"model", "counters"} <= set(content):
-            raise CheckpointError(f"{where} is an auxilia checkpoint from before format version {CHECKPOINT_VERSION}, "
-                                  "without a checksum; it cannot be verified: start a new run")
-        raise CheckpointError(f"{where} is not an auxilia Trainer checkpoint")
-    if content.get("version") != CHECKPOINT_VERSION:
-        raise CheckpointError(f"{where} has format version {content.get('version')!r}; "
-                              f"this auxilia reads version {CHECKPOINT_VERSION}")
-    checksum = content.pop("sha256", None)
-    if checksum != state_digest(content):
-        raise CheckpointError(f"{where} is corrupted: its content does not match its SHA-256 checksum")
-    return {k: v for k, v in content.items() if k not in ("format", "version")}
-
-
-def state_digest(state: Any) -> str:
-    """SHA-256 of a nested state (mappings, sequences, tensors, numbers, strings): of every key,
-    value, tensor dtype, shape and byte, so that it depends on the content, not on how torch
-    serialized it or onto which device it was loaded."""
-    digest = hashlib.sha256()
-
-    def feed(value: Any) -> None:
-        if isinstance(value, Tensor):
-            flat = value.detach().to("cpu").contiguous().reshape(-1)
-            digest.update(f"tensor {value.dtype} {tuple(value.shape)}:".encode())
-            digest.update(flat.view(torch.uint8).numpy().tobytes() if flat.numel() else b"")
-        elif isinstance(value, Mapping):
-            digest.update(f"map {len(value)}:".encode())
-            for key, item in value.items():
-                feed(key)
-                feed(item)
-        elif isinstance(value, (list, tuple)):
-            digest.update(f"{type(value).__name__} {len(value)}:".encode())
-            for item in value:
-                feed(item)
-        else:
-            digest.update(f"{type(value).__name__} {value!r};".encode())
-
-    feed(state)
-    return digest.hexdigest()
-
-
 @contextmanager
-def unchanged_on_error(model: nn.Module, method: nn.Module) -> Iterator[None]:
+def unchanged_on_error(model: nn.Module, method: Method) -> Iterator[None]:
     """Put ``model``'s buffers and ``method``'s whole state back as they were if the block raises.
 
     A forward in train mode updates BatchNorm running statistics (and ``num_batches_tracked``)
     before any loss is known to be non-finite, so a step that is then abandoned must undo them; the
-    buffers are small next to the parameters, which a failed step never changes.
+    buffers are small next to the parameters, which a failed step never changes. The method's part
+    is :meth:`Method.restored_on_failure`.
     """
     buffers = {name: b.detach().clone() for name, b in model.named_buffers()}
-    method_state = {k: v.detach().clone() for k, v in method.state_dict().items()}
     try:
-        yield
+        with method.restored_on_failure():
+            yield
     except Exception:
         with torch.no_grad():
             for name, saved in buffers.items():
@@ -716,7 +635,6 @@ def unchanged_on_error(model: nn.Module, method: nn.Module) -> Iterator[None]:
                     current.copy_(saved)
                 else:  # replaced by the block with a tensor of another shape or type
                     setattr(module, leaf, saved)
-        method.load_state_dict(method_state)
         raise
 
 
@@ -767,15 +685,11 @@ def _python_restore(state: Mapping[str, Any]) -> tuple:
 
 __all__ = [
     "AllStepsSkippedError",
-    "CheckpointError",
     "FitResult",
     "Trainer",
     "TrainerConfig",
     "losses_on_every_process",
     "peak_memory_bytes",
-    "read_checkpoint",
     "seed_everything",
-    "state_digest",
     "unchanged_on_error",
-    "write_checkpoint",
 ]
