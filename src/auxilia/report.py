@@ -21,8 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from .experiments.results import read_records, record_key
-from .experiments.runner import configuration
+from .experiments.results import configuration, read_records, record_key
 
 
 def load_results(path: str | Path) -> list[dict[str, Any]]:

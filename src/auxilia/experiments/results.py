@@ -10,7 +10,7 @@
   ``--out`` itself) a path the runner writes is refused with :class:`~.base.UsageError`, so a link
   planted in a results directory cannot redirect a write out of it. ``--out`` itself may be a link.
 
-Run keys are JSON objects (see :func:`auxilia.experiments.runner.run_key`); the lists written by
+Run keys are JSON objects (:func:`run_key`); the lists written by
 earlier versions are read as the same key with ``device`` taken from the record, so that old
 files keep resuming and keep counting each run once.
 """
@@ -18,12 +18,16 @@ files keep resuming and keep counting each run once.
 from __future__ import annotations
 
 import json
+import math
 import os
 import warnings
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
+import torch
+
+from .. import methods as method_registry
 from .base import UsageError
 
 try:
@@ -62,6 +66,44 @@ def refuse_links_under(out: str | Path, folder: Path) -> None:
                                  f"inside the results directory {out}")
 
 
+def run_key(
+    experiment: str, method: str, seed: int, budget: float,
+    hyperparameters: Mapping[str, Any], trainer_overrides: Mapping[str, Any],
+    options: Mapping[str, Any] | None = None, *, device: str = "cpu",
+) -> str:
+    """Identifies a run in ``results.jsonl``, so that a grid resumes without redoing finished runs
+    and a changed setting is never taken for a finished run.
+
+    It holds everything the user chose that changes the result: the experiment, method and seed,
+    the budget, the hyperparameters given that this method accepts, the trainer settings given
+    (epochs, max steps, batch size, amp), the experiment's options (including ``arch``) and the
+    device type. Not the data directory: every dataset file is checked against its SHA-256 (the
+    CIFAR-10 python batches, with no known digest, are only read as plain arrays), so the same key
+    means the same data wherever it lives. Not the number of processes: ``--nproc`` takes the
+    single-process step on the same global batch.
+    """
+    try:
+        accepted = method_registry.hyperparameters(method)
+        hyperparameters = {k: v for k, v in hyperparameters.items() if k in accepted}
+    except ValueError:  # a method no longer registered keeps what was recorded
+        pass
+    settings = {k: v for k, v in trainer_overrides.items() if v is not None and k != "progress"}
+    key = {
+        "experiment": experiment, "method": method, "seed": seed, "budget": budget,
+        "hyperparameters": jsonable(hyperparameters), "trainer": jsonable(settings),
+        "options": jsonable(dict(options or {})), "device": torch.device(device).type,
+    }
+    return json.dumps(key, sort_keys=True)
+
+
+def configuration(key: str) -> dict[str, Any]:
+    """What a run key says about the configuration, without the seed: the runs of one
+    configuration are the seeds of one row of a table."""
+    parsed = json.loads(key)
+    parsed.pop("seed", None)
+    return parsed
+
+
 def record_key(record: dict[str, Any]) -> str | None:
     """The run key of ``record``; a key in the earlier list layout is converted to today's."""
     key = record.get("run_key")
@@ -72,8 +114,6 @@ def record_key(record: dict[str, Any]) -> str | None:
     except json.JSONDecodeError:
         return key
     if isinstance(parsed, list) and len(parsed) in (6, 7):
-        from .runner import run_key
-
         experiment, method, seed, budget, hyperparameters, settings, *options = parsed
         return run_key(experiment, method, seed, budget, hyperparameters, settings, options[0] if options else None,
                        device=(record.get("config") or {}).get("device") or "cpu")
@@ -157,3 +197,19 @@ def append_record(out: str | Path, record: dict[str, Any]) -> bool:
         handle.flush()
         os.fsync(handle.fileno())
     return True
+
+
+def jsonable(value: Any) -> Any:
+    """``value`` as JSON can hold it: mappings and sequences of numbers and strings; NaN is ``None``,
+    an infinity its string, a tensor a list, anything else its ``repr``."""
+    if isinstance(value, Mapping):
+        return {str(k): jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [jsonable(v) for v in value]
+    if isinstance(value, float) and not math.isfinite(value):
+        return None if math.isnan(value) else str(value)
+    if isinstance(value, (str, int, float, bool)) or value is None:
+        return value
+    if isinstance(value, torch.Tensor):
+        return value.tolist()
+    return repr(value)

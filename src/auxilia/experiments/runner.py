@@ -31,7 +31,15 @@ from .. import methods as method_registry
 from ..data import DatasetCorrupt, DatasetMissing
 from ..training.trainer import FitResult, Trainer
 from .base import Experiment, Setup, UsageError
-from .results import RESULTS, append_record, finished_runs, output_path, refuse_links_under
+from .results import (
+    RESULTS,
+    append_record,
+    finished_runs,
+    jsonable,
+    output_path,
+    refuse_links_under,
+    run_key,
+)
 
 __all__ = ["check_grid", "finished_runs", "method_hyperparameters", "run_key", "run_one"]
 
@@ -76,7 +84,7 @@ def check_grid(
     try:
         setup = experiment.setup(seed, data_dir, budget, **options)
     except (ValueError, TypeError, KeyError, DatasetMissing, DatasetCorrupt) as error:
-        shown = " ".join(f"{k}={json.dumps(_jsonable(v))}" for k, v in options.items())
+        shown = " ".join(f"{k}={json.dumps(jsonable(v))}" for k, v in options.items())
         raise UsageError(f"experiment {experiment.name!r}{' with ' + shown if shown else ''}: {error}") from None
     for name in names:
         hp = method_hyperparameters(name, setup.method_defaults, overrides)
@@ -107,44 +115,6 @@ def _train(
         scheduler=setup.scheduler, log_dir=log_dir, metrics_fn=setup.metrics_fn,
     )
     return trainer.fit(), trainer
-
-
-def run_key(
-    experiment: str, method: str, seed: int, budget: float,
-    hyperparameters: Mapping[str, Any], trainer_overrides: Mapping[str, Any],
-    options: Mapping[str, Any] | None = None, *, device: str = "cpu",
-) -> str:
-    """Identifies a run in ``results.jsonl``, so that a grid resumes without redoing finished runs
-    and a changed setting is never taken for a finished run.
-
-    It holds everything the user chose that changes the result: the experiment, method and seed,
-    the budget, the hyperparameters given that this method accepts, the trainer settings given
-    (epochs, max steps, batch size, amp), the experiment's options (including ``arch``) and the
-    device type. Not the data directory: every dataset file is checked against its SHA-256 (the
-    CIFAR-10 python batches, with no known digest, are only read as plain arrays), so the same key
-    means the same data wherever it lives. Not the number of processes: ``--nproc`` takes the
-    single-process step on the same global batch.
-    """
-    try:
-        accepted = method_registry.hyperparameters(method)
-        hyperparameters = {k: v for k, v in hyperparameters.items() if k in accepted}
-    except ValueError:  # a method no longer registered keeps what was recorded
-        pass
-    settings = {k: v for k, v in trainer_overrides.items() if v is not None and k != "progress"}
-    key = {
-        "experiment": experiment, "method": method, "seed": seed, "budget": budget,
-        "hyperparameters": _jsonable(hyperparameters), "trainer": _jsonable(settings),
-        "options": _jsonable(dict(options or {})), "device": torch.device(device).type,
-    }
-    return json.dumps(key, sort_keys=True)
-
-
-def configuration(key: str) -> dict[str, Any]:
-    """What a run key says about the configuration, without the seed: the runs of one
-    configuration are the seeds of one row of a table."""
-    parsed = json.loads(key)
-    parsed.pop("seed", None)
-    return parsed
 
 
 def run_one(
@@ -190,7 +160,7 @@ def run_one(
                 log_dir=run_dir / f"trial{index}", trainer_overrides=trainer_overrides,
             )
             value = result.metrics.get("val", {}).get(result.primary_metric, math.nan)
-            search.append({"hyperparameters": _jsonable(candidate), "val": value})
+            search.append({"hyperparameters": jsonable(candidate), "val": value})
             better = best is None or (
                 math.isfinite(value)
                 and (not math.isfinite(best[0]) or (value > best[0] if _higher(trainer) else value < best[0]))
@@ -228,12 +198,12 @@ def run_one(
         "started_at": started_at,
         **provenance(),
         "config": {
-            "hyperparameters": _jsonable(hp),
+            "hyperparameters": jsonable(hp),
             "epochs": config.epochs,
             "batch_size": config.batch_size,
             "max_steps": config.max_steps,
             "budget": budget,
-            "options": _jsonable(options),
+            "options": jsonable(options),
             "notes": setup.notes,
             "device": device,
             "device_name": _device_name(device),
@@ -245,7 +215,7 @@ def run_one(
         },
     }
     # under torchrun every process trained; rank 0 holds the results
-    if distributed.is_main() and not append_record(out, _jsonable(record)):
+    if distributed.is_main() and not append_record(out, jsonable(record)):
         warnings.warn(f"{out / RESULTS}: {experiment.name} {label} seed {seed} was recorded meanwhile by "
                       "another process; that record is kept", stacklevel=2)
     return record
@@ -282,17 +252,3 @@ def _device_name(device: str) -> str:
 def _higher(trainer: Trainer) -> bool:
     primary = trainer.tasks.primary
     return bool(primary.higher_is_better and primary.metrics)
-
-
-def _jsonable(value: Any) -> Any:
-    if isinstance(value, Mapping):
-        return {str(k): _jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
-    if isinstance(value, float) and not math.isfinite(value):
-        return None if math.isnan(value) else str(value)
-    if isinstance(value, (str, int, float, bool)) or value is None:
-        return value
-    if isinstance(value, torch.Tensor):
-        return value.tolist()
-    return repr(value)
